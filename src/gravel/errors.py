@@ -1,0 +1,46 @@
+"""Gravel's exceptions, one tree so callers can catch at the level they care about.
+
+    GravelError
+    ├── DataError            a data set file is missing, truncated or not what it claims
+    ├── ModelError           a model uses an operator or setting Gravel cannot compile
+    ├── ArtifactError        an artifact directory is incomplete, altered or of another version
+    ├── KeyMismatchError     keys or ciphertexts belong to another model, or are not keys at all
+    └── InputError           an input has the wrong shape, dtype or value range
+
+Every message names the file, layer or value at fault and, where there is one, what to do.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "GravelError",
+    "DataError",
+    "ModelError",
+    "ArtifactError",
+    "KeyMismatchError",
+    "InputError",
+]
+
+
+class GravelError(Exception):
+    """Base of every error Gravel raises on purpose."""
+
+
+class DataError(GravelError):
+    """A data set could not be read."""
+
+
+class ModelError(GravelError):
+    """A model cannot be trained, imported, quantized or compiled as asked."""
+
+
+class ArtifactError(GravelError):
+    """An artifact (or a file in it) is missing, corrupt or of an unsupported version."""
+
+
+class KeyMismatchError(GravelError):
+    """Keys or ciphertexts do not belong to this model, or are not what they claim to be."""
+
+
+class InputError(GravelError):
+    """An input array does not match what the model expects."""
