@@ -29,9 +29,9 @@ __all__ = ["ARCHS", "DEFAULT_OPTIONS", "build_model"]
 DEFAULT_OPTIONS: dict[str, dict[str, Any]] = {
     "mlp": {"hidden": [128, 64], "in_bits": 2, "w_bits": 4, "a_bits": 3},
     "float-mlp": {"hidden": [128, 64]},
-    "bnn-mlp": {"hidden": [256, 256], "in_bits": 2},
-    "cnn": {"channels": 4, "in_bits": 2, "w_bits": 4, "a_bits": 3},
-    "float-cnn": {"channels": 4},
+    "bnn-mlp": {"hidden": [128, 128], "in_bits": 2},
+    "cnn": {"channels": 2, "in_bits": 2, "w_bits": 4, "a_bits": 3},
+    "float-cnn": {"channels": 2},
 }
 
 
@@ -66,15 +66,15 @@ def _bnn_mlp(shape, classes, hidden, in_bits) -> nn.Sequential:
 
 
 def _cnn(shape, classes, channels, in_bits=None, w_bits=None, a_bits=None) -> nn.Sequential:
-    """conv 3x3 stride 2 -> batch norm -> ReLU -> 2x2 average pool -> linear."""
+    """conv 3x3 (same size) -> batch norm -> ReLU -> 2x2 average pool -> linear."""
     c, h, w = shape
     quant = in_bits is not None
     conv: nn.Module
     if quant:
-        conv = QuantConv2d(c, channels, 3, stride=2, padding=1, w_bits=w_bits)
+        conv = QuantConv2d(c, channels, 3, stride=1, padding=1, w_bits=w_bits)
     else:
-        conv = nn.Conv2d(c, channels, 3, stride=2, padding=1)
-    ho, wo = (h + 1) // 2 // 2, (w + 1) // 2 // 2
+        conv = nn.Conv2d(c, channels, 3, stride=1, padding=1)
+    ho, wo = h // 2, w // 2
     layers: list[nn.Module] = [InputQuant(in_bits)] if quant else []
     layers += [
         conv,
