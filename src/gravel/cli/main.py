@@ -1,0 +1,325 @@
+"""`gravel` command line: one subcommand per party's step, plus check, bench and demo."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from gravel.errors import GravelError, InputError
+
+warnings.filterwarnings("ignore", message="pkg_resources is deprecated")
+
+
+def _ints(text: str) -> list[int]:
+    return [int(v) for v in text.split(",") if v]
+
+
+def _add_quant(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("quantization and compilation (where the model does not say)")
+    g.add_argument("--in-bits", type=int, default=2, help="input pixel bits (default 2)")
+    g.add_argument("--w-bits", type=int, default=4, help="weight bits (default 4)")
+    g.add_argument("--a-bits", type=int, default=3, help="activation bits (default 3)")
+    g.add_argument("--tlu-bits", type=int, default=5, help="accumulator bits kept for each table lookup (default 5)")
+    g.add_argument("--p-error", type=float, default=0.01, help="error probability per table lookup (default 0.01)")
+    g.add_argument("--shards", type=int, default=16, help="most shards per layer (default 16)")
+    g.add_argument("--calib", type=int, default=500, help="calibration images (default 500)")
+
+
+def _quant(args):
+    from gravel.compiler import QuantConfig
+
+    return QuantConfig(args.in_bits, args.w_bits, args.a_bits, args.tlu_bits)
+
+
+def _data(args):
+    from gravel.data import load_dataset
+
+    return load_dataset(args.data, root=getattr(args, "data_dir", None), download=getattr(args, "download", False))
+
+
+def _add_data(p: argparse.ArgumentParser, required: bool = True) -> None:
+    p.add_argument("--data", required=required, default=None if required else "digits",
+                   choices=["digits", "mnist", "fashion-mnist"], help="data set")
+    p.add_argument("--data-dir", help="directory holding the data set's files")
+    p.add_argument("--download", action="store_true", help="download missing files (needs network)")
+
+
+def cmd_train(args) -> None:
+    from gravel.model import Checkpoint, build_model, save_checkpoint, train
+
+    data = _data(args)
+    opts = {"hidden": _ints(args.hidden) if args.hidden else None, "in_bits": args.in_bits,
+            "w_bits": args.w_bits, "a_bits": args.a_bits, "channels": args.channels}
+    from gravel.model.archs import DEFAULT_OPTIONS
+
+    if args.arch not in DEFAULT_OPTIONS:
+        raise GravelError(f"unknown architecture {args.arch!r}; choose one of {', '.join(DEFAULT_OPTIONS)}")
+    opts = {k: v for k, v in opts.items() if v is not None and k in DEFAULT_OPTIONS[args.arch]}
+    model, full = build_model(args.arch, data.image_shape, data.num_classes, **opts)
+    metrics = train(model, data, epochs=args.epochs, lr=args.lr, progress=not args.quiet)
+    save_checkpoint(Checkpoint(args.arch, full, data.image_shape, data.num_classes, data.name, model, metrics), args.out)
+    print(f"{args.arch} on {data.name}: train accuracy {metrics['train_accuracy']:.4f}, "
+          f"test accuracy {metrics['test_accuracy']:.4f} -> {args.out}")
+
+
+def cmd_compile(args) -> None:
+    from gravel.compiler import compile_model
+    from gravel.harness.common import calib_images
+
+    data = _data(args)
+    t = time.perf_counter()
+    manifest = compile_model(args.model, calib_images(data, args.calib), args.out, _quant(args),
+                             p_error=args.p_error, max_shards=args.shards, name=args.name,
+                             overwrite=args.force, show_progress=not args.quiet)
+    stats = manifest.data["stats"]
+    print(f"compiled {manifest.name} in {time.perf_counter() - t:.1f} s -> {args.out}")
+    print(f"  {len(manifest.stages)} stages, {stats['pbs_count']} table lookups, shards per stage "
+          f"{[r['shards'] for r in manifest.plan]}")
+
+
+def cmd_keygen(args) -> None:
+    from gravel.client import ClientModel
+
+    client = ClientModel.load(args.artifact)
+    t = time.perf_counter()
+    keys = client.keygen()
+    ek = keys.evaluation_keys()
+    keys.save(args.secret)
+    _write(args.eval_keys, ek)
+    print(f"keys in {time.perf_counter() - t:.2f} s: secret -> {args.secret} (keep it private), "
+          f"evaluation keys ({len(ek) / 1e6:.1f} MB) -> {args.eval_keys}")
+
+
+def _write(path: str, data: bytes) -> None:
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(p.name + ".tmp")
+    tmp.write_bytes(data)
+    tmp.replace(p)
+
+
+def _load_image(args) -> tuple[np.ndarray, int | None]:
+    if args.image:
+        path = Path(args.image)
+        if path.suffix == ".npy":
+            try:
+                return np.load(path, allow_pickle=False), None
+            except (OSError, ValueError) as exc:
+                raise InputError(f"{path}: not a readable .npy array ({exc})") from exc
+        try:
+            from PIL import Image
+        except ImportError as exc:
+            raise InputError(f"{path}: reading image files needs Pillow (pip install pillow)") from exc
+        try:
+            return np.asarray(Image.open(path).convert("L"), dtype=np.uint8), None
+        except OSError as exc:
+            raise InputError(f"{path}: not a readable image ({exc})") from exc
+    data = _data(args)
+    if not 0 <= args.index < len(data.x_test):
+        raise InputError(f"--index {args.index} outside the test set (0..{len(data.x_test) - 1})")
+    return data.x_test[args.index], int(data.y_test[args.index])
+
+
+def cmd_encrypt(args) -> None:
+    from gravel.client import ClientModel, SecretKeys
+
+    client = ClientModel.load(args.artifact)
+    keys = SecretKeys.load(args.secret, client)
+    image, label = _load_image(args)
+    t = time.perf_counter()
+    ct = client.encrypt(keys, image)
+    _write(args.out, ct)
+    extra = f" (label {label})" if label is not None else ""
+    print(f"encrypted{extra} in {time.perf_counter() - t:.3f} s: {len(ct)} bytes -> {args.out}")
+
+
+def cmd_run(args) -> None:
+    from gravel.server import ServerModel
+
+    server = ServerModel.load(args.artifact)
+    keys = server.load_evaluation_keys(Path(args.eval_keys).read_bytes())
+    value = server.load_input(Path(args.input).read_bytes())
+    t = time.perf_counter()
+    out, trace = server.run(keys, value)
+    elapsed = time.perf_counter() - t
+    _write(args.out, server.frame_output(out))
+    print(f"ran in {elapsed:.3f} s -> {args.out}")
+    for st in trace:
+        print(f"  {st.stage}: {st.shards} shards, {st.seconds:.3f} s")
+
+
+def cmd_decrypt(args) -> None:
+    from gravel.client import ClientModel, SecretKeys
+
+    client = ClientModel.load(args.artifact)
+    keys = SecretKeys.load(args.secret, client)
+    scores = client.decrypt(keys, Path(args.input).read_bytes())
+    print(json.dumps({"prediction": int(np.argmax(scores)), "scores": [round(float(s), 4) for s in scores]}))
+
+
+def cmd_check(args) -> None:
+    from gravel.harness import check
+
+    r = check(args.model, _data(args), samples=args.samples, sim_samples=args.sim_samples,
+              fhe_samples=args.fhe_samples, config=_quant(args), calib=args.calib,
+              p_error=args.p_error, max_shards=args.shards, progress=not args.quiet)
+    if args.json:
+        print(json.dumps(r))
+        return
+    print(f"accuracy on {r['samples']} test images: float {r['accuracy_float']:.4f}, "
+          f"quantized {r['accuracy_quantized']:.4f}, FHE simulation {r['accuracy_simulated']:.4f} "
+          f"({r['simulated_samples']} images, agreement {r['simulation_agreement']:.3f})")
+    if "accuracy_encrypted" in r:
+        print(f"real encryption on {r['encrypted_samples']} images: accuracy {r['accuracy_encrypted']:.4f}, "
+              f"agreement {r['encrypted_agreement']:.3f}, {r['latency_s']:.2f} s each, "
+              f"evaluation keys {r['eval_key_bytes'] / 1e6:.1f} MB")
+    print(f"table lookups: {r['pbs_count']}; evaluation keys (uncompressed estimate): "
+          f"{r['eval_key_bytes_estimate'] / 1e6:.1f} MB")
+    print(f"{'stage':8} {'layer':14} {'act':8} {'acc bits':>8} {'tlu bits':>8} {'lookups':>8} {'acc if only this quantized':>27}")
+    for row in r["layers"]:
+        print(f"{row['stage']:8} {row['layer']:14} {row['activation']:8} {row['accumulator_bits']:>8} "
+              f"{row['tlu_bits']:>8} {row['table_lookups']:>8} {row['accuracy_with_only_this_quantized']:>27.4f}")
+    for w in r["warnings"]:
+        print(f"warning: {w}", file=sys.stderr)
+
+
+def cmd_bench(args) -> None:
+    from gravel.harness import bench
+
+    r = bench(args.model, _data(args), samples=args.samples, config=_quant(args), calib=args.calib,
+              p_error=args.p_error, max_shards=args.shards, progress=not args.quiet and not args.json)
+    if args.json:
+        print(json.dumps(r))
+        return
+    for key, value in r.items():
+        print(f"{key:20} {value}")
+
+
+def cmd_demo(args) -> None:
+    """The main job on embedded defaults: train, compile, keys, encrypt, run, decrypt."""
+    import tempfile
+
+    from gravel.harness import bench
+    from gravel.model import Checkpoint, build_model, save_checkpoint, train
+
+    data = _data(args)
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="gravel-demo-"))
+    t = time.perf_counter()
+    model, opts = build_model("mlp", data.image_shape, data.num_classes, hidden=[64, 32])
+    metrics = train(model, data, epochs=args.epochs, progress=not args.quiet)
+    ckpt = work / "model.pt"
+    save_checkpoint(Checkpoint("mlp", opts, data.image_shape, data.num_classes, data.name, model, metrics), ckpt)
+    print(f"[1/3] trained a 2-bit-input, 4-bit-weight MLP on {data.name} in {time.perf_counter() - t:.1f} s "
+          f"(test accuracy {metrics['test_accuracy']:.4f})")
+    t = time.perf_counter()
+    print(f"[2/3] compiling and running {args.samples} encrypted inferences ...")
+    r = bench(ckpt, data, samples=args.samples, progress=not args.quiet)
+    print(f"[3/3] done in {time.perf_counter() - t:.1f} s")
+    print(f"  accuracy: clear quantized {r['accuracy_clear']:.3f}, encrypted {r['accuracy_encrypted']:.3f}, "
+          f"agreement {r['agreement']:.3f} on {r['samples']} test images")
+    print(f"  timings: keygen {r['keygen_s']:.2f} s, encrypt {r['encrypt_s'] * 1000:.0f} ms, "
+          f"server {r['latency_s']:.2f} s, decrypt {r['decrypt_s'] * 1000:.1f} ms (medians)")
+    print(f"  sizes: evaluation keys {r['eval_key_bytes'] / 1e6:.1f} MB, input {r['input_ct_bytes'] / 1e3:.1f} kB, "
+          f"output {r['output_ct_bytes'] / 1e3:.1f} kB; {r['pbs_count']} table lookups")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gravel", description="Private inference on encrypted data (TFHE).")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a quantization-aware (or float) model")
+    _add_data(p)
+    p.add_argument("--arch", required=True, help="mlp, bnn-mlp, cnn, float-mlp, float-cnn")
+    p.add_argument("--out", required=True, help="checkpoint file to write")
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--hidden", help="hidden widths, e.g. 128,64")
+    p.add_argument("--channels", type=int)
+    p.add_argument("--in-bits", type=int)
+    p.add_argument("--w-bits", type=int)
+    p.add_argument("--a-bits", type=int)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("compile", help="compile a checkpoint or float ONNX model into an artifact")
+    p.add_argument("model")
+    _add_data(p)
+    p.add_argument("--out", required=True, help="artifact directory to write (NAME.gravel)")
+    p.add_argument("--name", help="model name (default: file name)")
+    p.add_argument("--force", action="store_true", help="replace an existing artifact")
+    _add_quant(p)
+    p.set_defaults(func=cmd_compile)
+
+    p = sub.add_parser("keygen", help="client: generate keys for an artifact")
+    p.add_argument("artifact")
+    p.add_argument("--secret", required=True, help="file for the SECRET key set")
+    p.add_argument("--eval-keys", required=True, help="file for the public evaluation keys")
+    p.set_defaults(func=cmd_keygen)
+
+    p = sub.add_parser("encrypt", help="client: quantize and encrypt one image")
+    p.add_argument("artifact")
+    p.add_argument("--secret", required=True)
+    p.add_argument("--image", help=".npy array or image file; or use --data/--index")
+    _add_data(p, required=False)
+    p.add_argument("--index", type=int, default=0, help="test-set image index (with --data)")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_encrypt)
+
+    p = sub.add_parser("run", help="server: evaluate an encrypted input")
+    p.add_argument("artifact")
+    p.add_argument("--eval-keys", required=True)
+    p.add_argument("--input", required=True)
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("decrypt", help="client: decrypt and dequantize a prediction")
+    p.add_argument("artifact")
+    p.add_argument("--secret", required=True)
+    p.add_argument("--input", required=True)
+    p.set_defaults(func=cmd_decrypt)
+
+    p = sub.add_parser("check", help="accuracy from float to encrypted, per layer")
+    p.add_argument("model")
+    _add_data(p)
+    p.add_argument("--samples", type=int, default=500)
+    p.add_argument("--sim-samples", type=int, default=100)
+    p.add_argument("--fhe-samples", type=int, default=3)
+    p.add_argument("--json", action="store_true")
+    _add_quant(p)
+    p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser("bench", help="benchmark encrypted inference")
+    p.add_argument("model", help="checkpoint, float ONNX file or artifact directory")
+    _add_data(p)
+    p.add_argument("--samples", type=int, default=10)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    _add_quant(p)
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("demo", help="the whole private path on embedded defaults")
+    _add_data(p, required=False)
+    p.add_argument("--samples", type=int, default=10)
+    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--workdir")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except GravelError as exc:
+        print(f"gravel {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,133 @@
+"""Client-side view of a compiled model."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from gravel.errors import InputError, KeyMismatchError
+from gravel.protocol import Kind, Manifest, frame, load_manifest, unframe
+
+__all__ = ["ClientModel", "SecretKeys"]
+
+
+class SecretKeys:
+    """A client's key set (secret and evaluation keys) for one compiled program."""
+
+    def __init__(self, keys, digest: bytes) -> None:
+        self._keys = keys
+        self.digest = digest
+
+    def evaluation_keys(self) -> bytes:
+        """The public evaluation keys, framed for the server; they reveal nothing of the secret."""
+        return frame(Kind.EVALUATION_KEYS, self.digest, self._keys.evaluation.serialize())
+
+    def save(self, path: str | Path) -> None:
+        """Write the SECRET key to `path` (mode 0600, atomically). Anyone holding it can decrypt."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(frame(Kind.SECRET_KEYS, self.digest, self._keys.serialize()))
+                f.flush()
+                os.fsync(f.fileno())
+            os.chmod(tmp, 0o600)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    @staticmethod
+    def load(path: str | Path, model: ClientModel) -> SecretKeys:
+        from concrete import fhe
+
+        path = Path(path)
+        if not path.is_file():
+            raise KeyMismatchError(f"{path}: no such key file")
+        payload = unframe(path.read_bytes(), Kind.SECRET_KEYS, model.digest, str(path))
+        try:
+            keys = fhe.Keys.deserialize(payload)
+        except Exception as exc:  # noqa: BLE001 - the backend raises RuntimeError and others
+            raise KeyMismatchError(f"{path}: secret keys are corrupt ({exc})") from exc
+        return SecretKeys(keys, model.digest)
+
+
+class ClientModel:
+    """Quantize, encrypt, decrypt and dequantize for one artifact."""
+
+    def __init__(self, manifest: Manifest) -> None:
+        from concrete import fhe
+
+        self.manifest = manifest
+        self.digest = manifest.digest
+        specs = fhe.ClientSpecs.deserialize(manifest.path("client.specs.json").read_bytes())
+        self._client = fhe.Client(specs)
+        self.input_shape = tuple(manifest.input["shape"])
+        self.input_bits = int(manifest.input["bits"])
+        self.first = manifest.stages[0]["name"]
+        self.last = manifest.stages[-1]["name"]
+        self.out_scale = np.asarray(manifest.output["scale"])
+        self.out_offset = np.asarray(manifest.output["offset"])
+
+    @staticmethod
+    def load(artifact: str | Path) -> ClientModel:
+        return ClientModel(load_manifest(artifact, role="client"))
+
+    def keygen(self, seed: int | None = None) -> SecretKeys:
+        from concrete import fhe
+
+        keys = fhe.Keys(self._client.specs)
+        keys.generate(secret_seed=seed) if seed is not None else keys.generate()
+        return SecretKeys(keys, self.digest)
+
+    def quantize(self, image: np.ndarray) -> np.ndarray:
+        """Validate one image (float in [0, 1] or uint8) and quantize it as the model expects."""
+        x = np.asarray(image)
+        if x.dtype == np.uint8:
+            x = x.astype(np.float32) / 255.0
+        elif not np.issubdtype(x.dtype, np.floating):
+            raise InputError(f"image dtype {x.dtype}: expected float pixels in [0, 1] or uint8 0-255")
+        if x.shape != self.input_shape:
+            if x.size == int(np.prod(self.input_shape)) and x.squeeze().shape == tuple(
+                d for d in self.input_shape if d != 1
+            ):
+                x = x.reshape(self.input_shape)
+            else:
+                raise InputError(f"image shape {x.shape}: this model expects {self.input_shape}")
+        if not np.all(np.isfinite(x)):
+            raise InputError("image contains NaN or infinite values")
+        if x.min() < 0.0 or x.max() > 1.0:
+            raise InputError(f"pixel values span [{x.min():.3g}, {x.max():.3g}]: expected [0, 1]")
+        levels = 2**self.input_bits - 1
+        return np.floor(x * levels + 0.5).astype(np.int64)
+
+    def encrypt(self, keys: SecretKeys, image: np.ndarray) -> bytes:
+        self._check(keys)
+        self._client.keys = keys._keys
+        value = self._client.encrypt(self.quantize(image), None, None, function_name=self.first)[0]
+        return frame(Kind.INPUT_CIPHERTEXT, self.digest, value.serialize())
+
+    def decrypt(self, keys: SecretKeys, ciphertext: bytes) -> np.ndarray:
+        """Decrypt an output ciphertext to dequantized class scores (logits)."""
+        from concrete import fhe
+
+        self._check(keys)
+        payload = unframe(ciphertext, Kind.OUTPUT_CIPHERTEXT, self.digest, "output ciphertext")
+        try:
+            value = fhe.Value.deserialize(payload)
+            self._client.keys = keys._keys
+            acc = np.asarray(self._client.decrypt(value, function_name=self.last))
+        except Exception as exc:  # noqa: BLE001 - backend errors become one clear message
+            raise KeyMismatchError(f"output ciphertext cannot be decrypted: corrupt or truncated ({exc})") from exc
+        return acc * self.out_scale + self.out_offset
+
+    def predict(self, keys: SecretKeys, ciphertext: bytes) -> int:
+        return int(np.argmax(self.decrypt(keys, ciphertext)))
+
+    def _check(self, keys: SecretKeys) -> None:
+        if keys.digest != self.digest:
+            raise KeyMismatchError("these keys were generated for another model")

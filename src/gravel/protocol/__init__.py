@@ -1,0 +1,7 @@
+"""The contract between client and server: the artifact manifest and the framing of key and
+ciphertext bytes. Client and server import this package, never each other."""
+
+from gravel.protocol.framing import Kind, frame, unframe
+from gravel.protocol.manifest import FORMAT_VERSION, Manifest, file_sha256, load_manifest
+
+__all__ = ["FORMAT_VERSION", "Kind", "Manifest", "file_sha256", "frame", "load_manifest", "unframe"]

@@ -1,0 +1,61 @@
+"""A small header in front of every key or ciphertext blob that leaves a process.
+
+The header says what the bytes are (evaluation keys, input or output ciphertext, secret keys)
+and for which compiled program (the SHA-256 of its client spec), so a ciphertext or key from
+another model, or a secret key sent where evaluation keys belong, is refused with a clear
+message before the backend's deserializer ever sees it. It is framing, not cryptography.
+
+    magic "GRVL" | version (1 byte) | kind (1 byte) | program digest (32 bytes) | payload
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+from gravel.errors import KeyMismatchError
+
+__all__ = ["HEADER_SIZE", "Kind", "frame", "unframe"]
+
+_MAGIC = b"GRVL"
+_VERSION = 1
+HEADER_SIZE = 4 + 1 + 1 + 32
+
+
+class Kind(IntEnum):
+    EVALUATION_KEYS = 1
+    INPUT_CIPHERTEXT = 2
+    OUTPUT_CIPHERTEXT = 3
+    SECRET_KEYS = 4
+
+    @property
+    def label(self) -> str:
+        return self.name.lower().replace("_", " ")
+
+
+def frame(kind: Kind, digest: bytes, payload: bytes) -> bytes:
+    if len(digest) != 32:
+        raise ValueError("program digest must be 32 bytes (SHA-256)")
+    return _MAGIC + bytes([_VERSION, int(kind)]) + digest + payload
+
+
+def unframe(data: bytes, kind: Kind, digest: bytes, what: str = "input") -> bytes:
+    """Check the header and return the payload; every mismatch names what was found."""
+    if len(data) < HEADER_SIZE or data[:4] != _MAGIC:
+        raise KeyMismatchError(f"{what}: not a Gravel {kind.label} blob (missing header; truncated or wrong file?)")
+    if data[4] != _VERSION:
+        raise KeyMismatchError(f"{what}: framing version {data[4]}, this Gravel reads version {_VERSION}")
+    try:
+        found = Kind(data[5])
+    except ValueError:
+        raise KeyMismatchError(f"{what}: unknown blob kind {data[5]}") from None
+    if found != kind:
+        raise KeyMismatchError(f"{what}: expected {kind.label}, got {found.label}")
+    if data[6:HEADER_SIZE] != digest:
+        raise KeyMismatchError(
+            f"{what}: {found.label} made for another model (program {data[6:14].hex()}..., "
+            f"this artifact is {digest[:8].hex()}...)"
+        )
+    payload = data[HEADER_SIZE:]
+    if not payload:
+        raise KeyMismatchError(f"{what}: {found.label} has an empty body (truncated?)")
+    return payload

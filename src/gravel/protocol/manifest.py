@@ -1,0 +1,108 @@
+"""The artifact's manifest: what each party needs to know, with hashes of every file.
+
+An artifact directory holds manifest.json, client.specs.json (the client's part),
+server.zip and weights.npz (the server's part). Loading for one role checks only that role's
+files, so a client never needs the server program, and refuses versions it cannot read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from gravel.errors import ArtifactError
+
+__all__ = ["CLIENT_FILES", "FORMAT_VERSION", "SERVER_FILES", "Manifest", "file_sha256", "load_manifest"]
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+CLIENT_FILES = ("client.specs.json",)
+SERVER_FILES = ("server.zip", "weights.npz")
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def concrete_version() -> str:
+    from importlib.metadata import version
+
+    return version("concrete-python")
+
+
+@dataclass(frozen=True)
+class Manifest:
+    root: Path
+    data: dict[str, Any]
+
+    @property
+    def name(self) -> str:
+        return self.data["model"]["name"]
+
+    @property
+    def digest(self) -> bytes:
+        """SHA-256 of the client spec: the identity of this compiled program."""
+        return bytes.fromhex(self.data["files"]["client.specs.json"])
+
+    @property
+    def input(self) -> dict[str, Any]:
+        return self.data["input"]
+
+    @property
+    def output(self) -> dict[str, Any]:
+        return self.data["output"]
+
+    @property
+    def stages(self) -> list[dict[str, Any]]:
+        return self.data["stages"]
+
+    @property
+    def plan(self) -> list[dict[str, Any]]:
+        return self.data["plan"]
+
+    def path(self, name: str) -> Path:
+        return self.root / name
+
+
+def load_manifest(root: str | Path, role: str = "client") -> Manifest:
+    """Read and verify an artifact for `role` ("client", "server" or "all")."""
+    root = Path(root)
+    mpath = root / MANIFEST
+    if not mpath.is_file():
+        raise ArtifactError(f"{root}: not a Gravel artifact (no {MANIFEST}); make one with `gravel compile`")
+    try:
+        data = json.loads(mpath.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ArtifactError(f"{mpath}: unreadable manifest ({exc})") from exc
+    if not isinstance(data, dict) or data.get("format") != "gravel-artifact":
+        raise ArtifactError(f"{mpath}: not a Gravel manifest")
+    if data.get("format_version") != FORMAT_VERSION:
+        raise ArtifactError(
+            f"{root}: artifact format {data.get('format_version')}, this Gravel reads {FORMAT_VERSION}; recompile it"
+        )
+    built = data.get("backend", {}).get("concrete_python")
+    if built != concrete_version():
+        raise ArtifactError(
+            f"{root}: compiled with concrete-python {built}, installed is {concrete_version()}; "
+            "recompile the model or install the matching version"
+        )
+    wanted = {"client": CLIENT_FILES, "server": SERVER_FILES + CLIENT_FILES, "all": SERVER_FILES + CLIENT_FILES}
+    if role not in wanted:
+        raise ValueError(f"unknown role {role!r}")
+    files = data.get("files", {})
+    for name in wanted[role]:
+        path = root / name
+        if name not in files:
+            raise ArtifactError(f"{root}: manifest lists no {name}")
+        if not path.is_file():
+            raise ArtifactError(f"{root}: {name} is missing")
+        if file_sha256(path) != files[name]:
+            raise ArtifactError(f"{root}: {name} does not match its hash in the manifest (altered or corrupt)")
+    return Manifest(root, data)
