@@ -18,7 +18,6 @@ import numpy as np
 
 from gravel.compiler.graph import Activation, IntGraph, Stage
 from gravel.compiler.plan import ShardPlan
-from gravel.compiler.quantize import signed_width
 from gravel.errors import ArtifactError
 from gravel.protocol.manifest import FORMAT_VERSION, Manifest, concrete_version, file_sha256, load_manifest
 
@@ -39,8 +38,8 @@ def _stage_json(stage: Stage) -> dict[str, Any]:
         "act": stage.act.to_json() if stage.act else None,
         "lsbs": stage.lsbs,
         "acc_range": list(stage.acc_range),
-        "acc_bits": signed_width(*stage.acc_range),
-        "tlu_bits": max(1, signed_width(*stage.acc_range) - stage.lsbs) if stage.act else 0,
+        "acc_bits": stage.acc_bits,
+        "tlu_bits": stage.acc_bits - stage.lsbs if stage.act else 0,
         "pbs": stage.pbs_count,
     }
 
@@ -133,6 +132,7 @@ def load_graph(manifest: Manifest) -> IntGraph:
                 act=act,
                 lsbs=row["lsbs"],
                 acc_range=tuple(row["acc_range"]),
+                acc_bits=row["acc_bits"],
             )
         )
     out = manifest.output

@@ -27,7 +27,11 @@ from gravel.compiler.ops import (
 )
 from gravel.errors import ModelError
 
-__all__ = ["QuantConfig", "quantize", "signed_width"]
+__all__ = ["ACC_HEADROOM_BITS", "QuantConfig", "quantize", "signed_width"]
+
+# Extra accumulator bits beyond the calibrated range. 0: concrete measures the same bounds on
+# the same calibration images, so the rounding keeps exactly `tlu_bits` bits.
+ACC_HEADROOM_BITS = 0
 
 
 @dataclass(frozen=True)
@@ -44,8 +48,8 @@ class QuantConfig:
         for key in ("in_bits", "w_bits", "a_bits"):
             if not 1 <= getattr(self, key) <= 8:
                 raise ModelError(f"{key}={getattr(self, key)} is outside 1..8 bits")
-        if not 2 <= self.tlu_bits <= 8:
-            raise ModelError(f"tlu_bits={self.tlu_bits} is outside 2..8 bits")
+        if not 2 <= self.tlu_bits <= 16:
+            raise ModelError(f"tlu_bits={self.tlu_bits} is outside 2..16 bits")
 
 
 def signed_width(lo: int, hi: int) -> int:
@@ -192,7 +196,8 @@ def quantize(ops: list[FloatOp], calib_x: np.ndarray, config: QuantConfig = Quan
             else:
                 scale, offset = 2.0, -1.0  # bit b stands for 2b - 1
             stage.act = activation
-            stage.lsbs = max(0, signed_width(*stage.acc_range) - config.tlu_bits)
+            stage.acc_bits = signed_width(*stage.acc_range) + ACC_HEADROOM_BITS
+            stage.lsbs = max(0, stage.acc_bits - config.tlu_bits)
             if activation.kind == "sign" and stage.lsbs:
                 # round-half-up moves the threshold by half a step; shift it back
                 stage.bias = stage.bias - 2 ** (stage.lsbs - 1)

@@ -80,7 +80,7 @@ def check(
     layers, warnings = [], []
     for k, stage in enumerate(graph.stages):
         acc_k = float((_one_stage_quantized(core, graph, k, x) == y).mean())
-        width = signed_width(*stage.acc_range)
+        width = stage.acc_bits or signed_width(*stage.acc_range)
         layers.append(
             {
                 "stage": stage.name,

@@ -1,0 +1,60 @@
+"""Shared fixtures: a small digits model compiled once per session (real concrete compile)."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+
+warnings.filterwarnings("ignore", message="pkg_resources is deprecated")
+
+
+@pytest.fixture(scope="session")
+def digits():
+    from gravel.data import load_dataset
+
+    return load_dataset("digits")
+
+
+@pytest.fixture(scope="session")
+def digits_model(digits):
+    """A QAT MLP 64-16-10 on the 8x8 digits: small enough to encrypt in a test."""
+    from gravel.model import build_model, train
+
+    model, options = build_model("mlp", digits.image_shape, 10, hidden=[16])
+    metrics = train(model, digits, epochs=40, lr=1e-2, progress=False)
+    return model, options, metrics
+
+
+@pytest.fixture(scope="session")
+def digits_checkpoint(tmp_path_factory, digits, digits_model):
+    from gravel.model import Checkpoint, save_checkpoint
+
+    model, options, metrics = digits_model
+    path = tmp_path_factory.mktemp("ckpt") / "digits.pt"
+    save_checkpoint(Checkpoint("mlp", options, digits.image_shape, 10, "digits", model, metrics), path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def digits_artifact(tmp_path_factory, digits, digits_checkpoint):
+    from gravel.compiler import compile_model
+    from gravel.harness.common import calib_images
+
+    out = tmp_path_factory.mktemp("art") / "digits.gravel"
+    compile_model(digits_checkpoint, calib_images(digits, 200), out, max_shards=4)
+    return out
+
+
+@pytest.fixture(scope="session")
+def client_keys(digits_artifact):
+    from gravel.client import ClientModel
+
+    client = ClientModel.load(digits_artifact)
+    return client, client.keygen()
+
+
+@pytest.fixture(scope="session")
+def rng():
+    return np.random.default_rng(0)

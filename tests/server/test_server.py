@@ -1,0 +1,66 @@
+"""Real encryption, execution and decryption (no simulation) on the digits model."""
+
+import time
+
+import numpy as np
+import pytest
+
+from gravel.compiler import load_graph
+from gravel.errors import KeyMismatchError
+from gravel.protocol import Kind, frame, load_manifest
+from gravel.server import ServerModel
+
+
+@pytest.fixture(scope="module")
+def server(digits_artifact):
+    return ServerModel.load(digits_artifact)
+
+
+def test_encrypt_run_decrypt_under_10_s(client_keys, server, digits, digits_artifact):
+    client, keys = client_keys
+    graph = load_graph(load_manifest(digits_artifact))
+    start = time.perf_counter()
+    ek = keys.evaluation_keys()
+    ct = client.encrypt(keys, digits.x_test[0])
+    out, trace = server.run_bytes(ek, ct)
+    pred = client.predict(keys, out)
+    assert time.perf_counter() - start < 10
+    assert pred == graph.predict(digits.x_test[:1])[0]
+    assert [t.stage for t in trace] == ["stage0", "stage1"] and trace[0].shards == 4
+
+
+def test_several_images_agree_with_clear_model(client_keys, server, digits, digits_artifact):
+    client, keys = client_keys
+    graph = load_graph(load_manifest(digits_artifact))
+    server_keys = server.load_evaluation_keys(keys.evaluation_keys())
+    x = digits.x_test[:6]
+    preds = []
+    for image in x:
+        out, _ = server.run(server_keys, server.load_input(client.encrypt(keys, image)))
+        preds.append(client.predict(keys, server.frame_output(out)))
+    assert (np.asarray(preds) == graph.predict(x)).mean() >= 5 / 6
+
+
+def test_server_refuses_secret_keys_and_foreign_blobs(client_keys, server, tmp_path):
+    client, keys = client_keys
+    keys.save(tmp_path / "s.key")
+    with pytest.raises(KeyMismatchError, match="expected evaluation keys, got secret keys"):
+        server.load_evaluation_keys((tmp_path / "s.key").read_bytes())
+    with pytest.raises(KeyMismatchError, match="made for another model"):
+        server.load_evaluation_keys(frame(Kind.EVALUATION_KEYS, b"\x02" * 32, b"abc"))
+    with pytest.raises(KeyMismatchError, match="missing header"):
+        server.load_input(b"")
+
+
+@pytest.mark.parametrize("cut", [10, 1000])
+def test_truncated_or_garbage_payloads_get_clear_errors(client_keys, server, digits, cut):
+    client, keys = client_keys
+    ek = keys.evaluation_keys()
+    ct = client.encrypt(keys, digits.x_test[0])
+    with pytest.raises(KeyMismatchError, match="corrupt or truncated"):
+        server.load_evaluation_keys(ek[: 38 + cut])
+    with pytest.raises(KeyMismatchError, match="corrupt or truncated"):
+        server.load_input(ct[: 38 + cut] if cut < len(ct) - 38 else ct[:-5])
+    garbage = frame(Kind.INPUT_CIPHERTEXT, client.digest, np.random.default_rng(cut).bytes(cut))
+    with pytest.raises(KeyMismatchError):
+        server.load_input(garbage)
