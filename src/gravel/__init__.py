@@ -1,0 +1,57 @@
+"""Gravel: neural-network inference on encrypted data (TFHE), spread over many machines.
+
+The roles live in their own packages: `gravel.compiler` (model owner), `gravel.client` (data
+owner), `gravel.server` (evaluator); they meet only in `gravel.protocol`. The names below are
+loaded on first use, so `import gravel.client` does not load the server or the compiler.
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any
+
+from gravel.errors import (
+    ArtifactError,
+    DataError,
+    GravelError,
+    InputError,
+    KeyMismatchError,
+    ModelError,
+)
+
+try:
+    __version__ = version("gravel")
+except PackageNotFoundError:  # pragma: no cover - running from a source tree
+    __version__ = "0.0.0"
+
+_LAZY = {
+    "ClientModel": "gravel.client",
+    "SecretKeys": "gravel.client",
+    "ServerModel": "gravel.server",
+    "QuantConfig": "gravel.compiler",
+    "compile_model": "gravel.compiler",
+    "load_dataset": "gravel.data",
+}
+
+__all__ = [
+    "ArtifactError",
+    "ClientModel",
+    "DataError",
+    "GravelError",
+    "InputError",
+    "KeyMismatchError",
+    "ModelError",
+    "QuantConfig",
+    "SecretKeys",
+    "ServerModel",
+    "__version__",
+    "compile_model",
+    "load_dataset",
+]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'gravel' has no attribute {name!r}")

@@ -1,0 +1,45 @@
+"""check and bench on the digits model, with real encryption for a couple of images."""
+
+import torch
+
+from gravel.compiler import compile_model
+from gravel.harness import bench, check
+from gravel.harness.common import calib_images
+from gravel.model import build_model, train
+from gravel.protocol import load_manifest
+
+BENCH_KEYS = {
+    "accuracy_clear", "accuracy_encrypted", "agreement", "latency_s", "keygen_s", "encrypt_s", "decrypt_s",
+    "eval_key_bytes", "input_ct_bytes", "output_ct_bytes", "pbs_count", "workers",
+}
+
+
+def test_bench_reports_every_figure(digits_artifact, digits):
+    r = bench(digits_artifact, digits, samples=2, progress=False)
+    assert BENCH_KEYS <= set(r)
+    assert r["samples"] == 2 and r["workers"] == 1 and r["pbs_count"] == 16
+    assert r["eval_key_bytes"] > 1e6 and 0 < r["input_ct_bytes"] < 100_000
+    assert 0 <= r["agreement"] <= 1 and r["latency_s"] > 0
+
+
+def test_check_reports_layers_and_warns(digits_checkpoint, digits):
+    r = check(digits_checkpoint, digits, samples=200, sim_samples=20, fhe_samples=1, calib=200, progress=False)
+    assert [row["stage"] for row in r["layers"]] == ["stage0", "stage1"]
+    assert r["layers"][0]["tlu_bits"] <= 5 and r["layers"][0]["table_lookups"] == 16
+    assert r["accuracy_float"] > 0.7 and r["encrypted_samples"] == 1
+    # 2-bit weights on a tiny layer: quantization must be flagged, naming the layer
+    r2 = check(digits_checkpoint, digits, samples=200, sim_samples=5, fhe_samples=0, calib=200, progress=False,
+               config=__import__("gravel").QuantConfig(tlu_bits=2))
+    assert any("layer '" in w for w in r2["warnings"])
+
+
+def test_onnx_float_model_compiles_post_training(tmp_path, digits):
+    model, _ = build_model("float-mlp", digits.image_shape, 10, hidden=[16])
+    train(model, digits, epochs=10, lr=1e-2, progress=False)
+    path = tmp_path / "float.onnx"
+    torch.onnx.export(model.eval(), (torch.zeros(1, 1, 8, 8),), str(path), dynamo=False)
+    manifest = compile_model(path, calib_images(digits, 200), tmp_path / "onnx.gravel", max_shards=4)
+    assert load_manifest(tmp_path / "onnx.gravel").name == "float"
+    assert manifest.data["model"]["source"] == "onnx"
+    r = bench(tmp_path / "onnx.gravel", digits, samples=2, progress=False)
+    assert r["accuracy_clear"] >= 0.5
