@@ -26,6 +26,8 @@ def _add_quant(p: argparse.ArgumentParser) -> None:
     g.add_argument("--w-bits", type=int, default=4, help="weight bits (default 4)")
     g.add_argument("--a-bits", type=int, default=3, help="activation bits (default 3)")
     g.add_argument("--tlu-bits", type=int, default=5, help="accumulator bits kept for each table lookup (default 5)")
+    g.add_argument("--rounding", choices=["auto", "approximate", "exact"], default="auto",
+                   help="accumulator rounding before each lookup (auto: exact for sign activations)")
     g.add_argument("--p-error", type=float, default=0.01, help="error probability per table lookup (default 0.01)")
     g.add_argument("--shards", type=int, default=16, help="most shards per layer (default 16)")
     g.add_argument("--calib", type=int, default=500, help="calibration images (default 500)")
@@ -34,7 +36,7 @@ def _add_quant(p: argparse.ArgumentParser) -> None:
 def _quant(args):
     from gravel.compiler import QuantConfig
 
-    return QuantConfig(args.in_bits, args.w_bits, args.a_bits, args.tlu_bits)
+    return QuantConfig(args.in_bits, args.w_bits, args.a_bits, args.tlu_bits, rounding=args.rounding)
 
 
 def _data(args):

@@ -24,6 +24,11 @@ from gravel.protocol.manifest import FORMAT_VERSION, Manifest, concrete_version,
 __all__ = ["load_graph", "write_artifact"]
 
 
+def backend_pbs_count(module: Any, plan: ShardPlan) -> int:
+    """Bootstraps per inference as concrete counts them (exact rounding adds some)."""
+    return sum(getattr(module, s.name).programmable_bootstrap_count * s.shards for s in plan.stages)
+
+
 def _stage_json(stage: Stage) -> dict[str, Any]:
     return {
         "name": stage.name,
@@ -37,6 +42,7 @@ def _stage_json(stage: Stage) -> dict[str, Any]:
         "padding": stage.padding,
         "act": stage.act.to_json() if stage.act else None,
         "lsbs": stage.lsbs,
+        "exact_rounding": stage.exact_rounding,
         "acc_range": list(stage.acc_range),
         "acc_bits": stage.acc_bits,
         "tlu_bits": stage.acc_bits - stage.lsbs if stage.act else 0,
@@ -88,7 +94,8 @@ def write_artifact(
             "stages": [_stage_json(s) for s in graph.stages],
             "plan": plan.to_json(),
             "stats": {
-                "pbs_count": plan.pbs_count,
+                "pbs_count": backend_pbs_count(module, plan),
+                "table_lookups": plan.pbs_count,
                 "eval_key_bytes_estimate": int(module.size_of_bootstrap_keys + module.size_of_keyswitch_keys),
             },
             "files": files,
@@ -133,6 +140,7 @@ def load_graph(manifest: Manifest) -> IntGraph:
                 lsbs=row["lsbs"],
                 acc_range=tuple(row["acc_range"]),
                 acc_bits=row["acc_bits"],
+                exact_rounding=row["exact_rounding"],
             )
         )
     out = manifest.output

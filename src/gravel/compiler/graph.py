@@ -68,6 +68,7 @@ class Stage:
     lsbs: int = 0  # low bits of the accumulator rounded away before the table lookup
     acc_range: tuple[int, int] = (0, 0)  # accumulator range seen on calibration data
     acc_bits: int = 0  # signed width given to the accumulator: calibrated range + headroom
+    exact_rounding: bool = False  # approximate rounding may be off by one step; exact is not
 
     @property
     def out_channels(self) -> int:
@@ -158,7 +159,7 @@ class NumpyBackend:
     def pad_zero(self, flat: Any) -> Any:
         return np.concatenate([flat, np.zeros((flat.shape[0], 1), dtype=flat.dtype)], axis=1)
 
-    def round(self, a: Any, lsbs: int) -> Any:
+    def round(self, a: Any, lsbs: int, exact: bool = True) -> Any:
         if lsbs == 0:
             return a
         return np.floor((a + 2 ** (lsbs - 1)) / 2**lsbs).astype(np.int64) * 2**lsbs
@@ -250,4 +251,4 @@ def stage_forward(stage: Stage, parts: Sequence[Any], w: Any, b: Any, backend: A
     if stage.act is None:
         return acc
     acc = backend.hint(acc, stage.acc_bits)
-    return backend.lut(activation_fn(stage.act), backend.round(acc, stage.lsbs))
+    return backend.lut(activation_fn(stage.act), backend.round(acc, stage.lsbs, stage.exact_rounding))

@@ -45,12 +45,13 @@ class TraceBackend:
 
         return np.concatenate((flat, fhe.zeros((1,))), axis=0)
 
-    def round(self, a, lsbs):
+    def round(self, a, lsbs, exact=False):
         from concrete import fhe
 
         if lsbs == 0:
             return a
-        return fhe.round_bit_pattern(a, lsbs_to_remove=lsbs, exactness=fhe.Exactness.APPROXIMATE)
+        exactness = fhe.Exactness.EXACT if exact else fhe.Exactness.APPROXIMATE
+        return fhe.round_bit_pattern(a, lsbs_to_remove=lsbs, exactness=exactness)
 
     def hint(self, a, bits):
         """Accumulator bounds come from the inputset. (fhe.hint(bit_width=...) here gave wrong

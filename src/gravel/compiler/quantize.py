@@ -43,11 +43,17 @@ class QuantConfig:
     a_bits: int = 3
     tlu_bits: int = 5
     clip_percentile: float = 99.99
+    # "approximate" rounding is one table lookup but may be off by one step near a rounding
+    # boundary; "exact" costs extra lookups. Sign activations flip on such errors, so
+    # binarized layers default to exact rounding ("auto").
+    rounding: str = "auto"
 
     def __post_init__(self) -> None:
         for key in ("in_bits", "w_bits", "a_bits"):
             if not 1 <= getattr(self, key) <= 8:
                 raise ModelError(f"{key}={getattr(self, key)} is outside 1..8 bits")
+        if self.rounding not in ("auto", "approximate", "exact"):
+            raise ModelError(f"rounding={self.rounding!r}: choose auto, approximate or exact")
         if not 2 <= self.tlu_bits <= 16:
             raise ModelError(f"tlu_bits={self.tlu_bits} is outside 2..16 bits")
 
@@ -198,6 +204,9 @@ def quantize(ops: list[FloatOp], calib_x: np.ndarray, config: QuantConfig = Quan
             stage.act = activation
             stage.acc_bits = signed_width(*stage.acc_range) + ACC_HEADROOM_BITS
             stage.lsbs = max(0, stage.acc_bits - config.tlu_bits)
+            stage.exact_rounding = config.rounding == "exact" or (
+                config.rounding == "auto" and activation.kind == "sign"
+            )
             if activation.kind == "sign" and stage.lsbs:
                 # round-half-up moves the threshold by half a step; shift it back
                 stage.bias = stage.bias - 2 ** (stage.lsbs - 1)

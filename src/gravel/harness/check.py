@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from gravel.compiler import QuantConfig, compile_program, float_forward, load_model_ops, make_plan, quantize
+from gravel.compiler.artifact import backend_pbs_count
 from gravel.compiler.graph import IntGraph, NumpyBackend, stage_forward
 from gravel.compiler.ops import InputQuantOp
 from gravel.compiler.plan import ShardPlan, shard_weights
@@ -106,7 +107,8 @@ def check(
         "accuracy_simulated": float((sim == y[: len(sim)]).mean()),
         "simulation_agreement": float((sim == clear[: len(sim)]).mean()),
         "simulated_samples": int(len(sim)),
-        "pbs_count": plan.pbs_count,
+        "pbs_count": backend_pbs_count(module, plan),
+        "table_lookups": plan.pbs_count,
         "eval_key_bytes_estimate": int(module.size_of_bootstrap_keys + module.size_of_keyswitch_keys),
         "layers": layers,
         "warnings": warnings,

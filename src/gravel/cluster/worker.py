@@ -1,0 +1,77 @@
+"""The Ray actor body: holds one artifact's server program and a few sessions' keys."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+__all__ = ["ShardWorker"]
+
+MAX_SESSIONS = 8
+
+
+class ShardWorker:
+    """Loads the server program once; deserializes a session's evaluation keys once.
+
+    `bundle` holds the artifact's server-side files as bytes (shipped through Ray's object
+    store, so a worker on another machine needs no shared file system); they are written to a
+    private directory and verified against the manifest's hashes before loading.
+    """
+
+    def __init__(self, bundle: dict[str, bytes], index: int) -> None:
+        import ray
+
+        from gravel.server import ServerModel
+
+        self.index = index
+        self.node = ray.get_runtime_context().get_node_id()
+        self.dir = Path(tempfile.mkdtemp(prefix=f"gravel-worker{index}-"))
+        for name, data in bundle.items():
+            (self.dir / name).write_bytes(data)
+        self.model = ServerModel.load(self.dir)
+        self.keys: OrderedDict[str, Any] = OrderedDict()
+
+    def ping(self) -> dict[str, Any]:
+        return {"worker": self.index, "node": self.node, "pid": os.getpid()}
+
+    def _session_keys(self, session: str, keys_box: list) -> Any:
+        if session in self.keys:
+            self.keys.move_to_end(session)
+            return self.keys[session]
+        import ray
+        from concrete import fhe
+
+        keys = fhe.EvaluationKeys.deserialize(ray.get(keys_box[0]))
+        self.keys[session] = keys
+        while len(self.keys) > MAX_SESSIONS:
+            self.keys.popitem(last=False)
+        return keys
+
+    def run_shard(
+        self, session: str, keys_box: list, stage: int, shard: int, submitted: float, *parts: bytes
+    ) -> tuple[bytes, dict[str, Any]]:
+        """Evaluate one shard; `keys_box` wraps the keys' ObjectRef so Ray does not fetch it
+        unless this worker has not seen the session yet."""
+        from concrete import fhe
+
+        started = time.time()
+        keys = self._session_keys(session, keys_box)
+        values = [fhe.Value.deserialize(p) for p in parts]
+        t0 = time.perf_counter()
+        out = self.model.run_shard(stage, shard, values, keys).serialize()
+        compute = time.perf_counter() - t0
+        return out, {
+            "worker": self.index,
+            "node": self.node,
+            "pid": os.getpid(),
+            "submitted": submitted,
+            "started": started,
+            "finished": time.time(),
+            "compute_s": compute,
+            "bytes_in": sum(len(p) for p in parts),
+            "bytes_out": len(out),
+        }
