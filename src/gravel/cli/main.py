@@ -194,6 +194,8 @@ def cmd_check(args) -> None:
 def cmd_bench(args) -> None:
     from gravel.harness import bench
 
+    if args.workers:
+        return _bench_workers(args)
     r = bench(args.model, _data(args), samples=args.samples, config=_quant(args), calib=args.calib,
               p_error=args.p_error, max_shards=args.shards, progress=not args.quiet and not args.json)
     if args.json:
@@ -201,6 +203,38 @@ def cmd_bench(args) -> None:
         return
     for key, value in r.items():
         print(f"{key:20} {value}")
+
+
+def _bench_workers(args) -> None:
+    import os
+
+    from gravel.harness.scaling import bench_workers, plot_scaling
+
+    workers = _ints(args.workers)
+    if not workers or min(workers) < 1:
+        raise GravelError(f"--workers {args.workers!r}: give worker counts like 1,2,4")
+    r = bench_workers(args.model, _data(args), sorted(workers), samples=args.samples,
+                      address=args.ray_address, config=_quant(args), calib=args.calib,
+                      p_error=args.p_error, max_shards=args.shards)
+    if args.plot:
+        plot_scaling(r, args.plot)
+    if args.json:
+        print(json.dumps({k: v for k, v in r.items() if k != "example_trace" or args.trace}))
+    else:
+        print(f"{r['model']}: {r['pbs_count']} PBS, shards per stage {r['shards']}")
+        print(f"{'workers':>8} {'latency s':>10} {'speed-up':>9} {'efficiency':>10} {'req/s':>7} {'overhead':>9}")
+        for row in r["scaling"]:
+            print(f"{row['workers']:>8} {row['latency_s']:>10.3f} {row['speedup']:>9.2f} "
+                  f"{row['parallel_efficiency']:>10.2f} {row['throughput_per_s']:>7.3f} {row['overhead_fraction']:>9.1%}")
+        if args.plot:
+            print(f"plot -> {args.plot}")
+    sys.stdout.flush()
+    # A process that drove Ray and ran concrete can abort in interpreter teardown; the work is
+    # done and printed, so leave without it.
+    import ray
+
+    ray.shutdown()
+    os._exit(0)
 
 
 def cmd_demo(args) -> None:
@@ -301,6 +335,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data(p)
     p.add_argument("--samples", type=int, default=10)
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--workers", help="Ray worker counts to compare, e.g. 1,2,4 (default: single process)")
+    p.add_argument("--ray-address", help="join this Ray cluster (default: RAY_ADDRESS, else an embedded Ray)")
+    p.add_argument("--plot", help="with --workers: write latency/speed-up/timeline plot to this PNG")
+    p.add_argument("--trace", action="store_true", help="with --workers --json: include one inference's trace")
     _add_quant(p)
     p.set_defaults(func=cmd_bench)
 

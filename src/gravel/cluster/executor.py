@@ -25,6 +25,7 @@ from gravel.protocol.manifest import CLIENT_FILES, MANIFEST, SERVER_FILES
 __all__ = ["ClusterError", "RayExecutor"]
 
 MAX_ATTEMPTS = 3
+CPU_WAIT_S = 5.0  # actors killed a moment ago release their CPUs asynchronously
 
 
 class ClusterError(GravelError):
@@ -75,10 +76,10 @@ class RayExecutor:
             except ConnectionError as exc:
                 raise ClusterError(f"cannot join the Ray cluster at {address}: {exc}") from exc
         cpus = int(ray.cluster_resources().get("CPU", 0))
-        free = int(ray.available_resources().get("CPU", 0))
         workers = workers or cpus
         if workers < 1:
             raise ClusterError("the cluster has no CPUs")
+        free = self._free_cpus(workers, wait_s=CPU_WAIT_S if workers <= cpus else 0.0)
         if free < workers:
             raise ClusterError(
                 f"the cluster has {free} free CPUs of {cpus}; {workers} workers need {workers}. "
@@ -99,6 +100,18 @@ class RayExecutor:
         self.worker_info = self._wait_ready(list(self._workers), start_timeout_s)
 
     # -- workers ---------------------------------------------------------------------------
+    @staticmethod
+    def _free_cpus(wanted: int, wait_s: float) -> int:
+        """Free CPUs, waiting briefly for ones that killed actors are still handing back."""
+        import ray
+
+        deadline = time.time() + wait_s
+        while True:
+            free = int(ray.available_resources().get("CPU", 0))
+            if free >= wanted or time.time() >= deadline:
+                return free
+            time.sleep(0.2)
+
     def _spawn(self) -> int:
         index = self._next_index
         self._next_index += 1

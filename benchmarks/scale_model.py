@@ -1,0 +1,109 @@
+#!/usr/bin/env python3
+"""Predict encrypted-inference latency on W workers from one measured trace, and check it.
+
+Input: the JSON of `gravel bench MODEL --workers 1,2 --json --trace` (per-shard compute times,
+bytes moved, and the measured per-shard scheduling overhead). Model, per stage s:
+
+    stage_s(W) = ceil(S_s / W) * (c_s + o + bytes_s / bandwidth)      (plan as compiled)
+
+with S_s shards of mean compute c_s, o the measured overhead per shard. For more workers than
+shards, the stage would have to be cut finer; with a fixed cost a per backend call (measured on
+the output stage, which has no lookups) and per-lookup cost b_s = (c_s - a) / n_s:
+
+    stage_s(W) = a + b_s * ceil(N_s / W) + o + bytes_s / bandwidth     (re-sharded, N_s lookups)
+
+Latency is the sum over stages (the critical path). Prints the check against the measured
+worker counts, the prediction at 16, 64 and 256 workers, and per stage how many workers it can
+use before more stop helping (the gain from one more doubling falls under 5 %).
+
+    python benchmarks/scale_model.py bench.json [--bandwidth 1e9] [--workers 16,64,256]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+
+
+def stage_costs(trace: dict) -> list[dict]:
+    stages: dict[str, dict] = {}
+    for s in trace["shards"]:
+        st = stages.setdefault(s["stage"], {"stage": s["stage"], "compute": [], "bytes": []})
+        st["compute"].append(s["compute_s"])
+        st["bytes"].append(s["bytes_in"] + s["bytes_out"])
+    return [
+        {"stage": st["stage"], "shards": len(st["compute"]), "c": statistics.mean(st["compute"]),
+         "bytes": statistics.mean(st["bytes"])}
+        for st in stages.values()
+    ]
+
+
+def predict_as_compiled(stages, w, o, bw):
+    return sum(math.ceil(s["shards"] / w) * (s["c"] + o + s["bytes"] / bw) for s in stages)
+
+
+def predict_resharded(stages, lookups, a, w, o, bw):
+    total = 0.0
+    for s, n in zip(stages, lookups):
+        if n == 0:  # no table lookups: nothing to spread
+            total += s["c"] + o + s["bytes"] / bw
+            continue
+        per_shard_lookups = n / s["shards"]
+        b = max(0.0, s["c"] - a) / per_shard_lookups
+        total += a + b * math.ceil(n / w) + o + s["bytes"] / bw
+    return total
+
+
+def useful_workers(s, n, a, o, bw) -> int:
+    if n == 0:
+        return 1
+    b = max(0.0, s["c"] - a) / (n / s["shards"])
+    w = 1
+    while w < n:
+        now = a + b * math.ceil(n / w) + o + s["bytes"] / bw
+        nxt = a + b * math.ceil(n / (2 * w)) + o + s["bytes"] / bw
+        if (now - nxt) / now < 0.05:
+            break
+        w *= 2
+    return min(w, n)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("bench_json")
+    ap.add_argument("--bandwidth", type=float, default=1e9, help="bytes/s between workers (default 1e9)")
+    ap.add_argument("--workers", default="16,64,256")
+    args = ap.parse_args(argv)
+    result = json.load(open(args.bench_json))
+    rows, trace = result["scaling"], result.get("example_trace")
+    if not trace:
+        sys.exit("the bench JSON has no example_trace: run gravel bench with --workers ... --json --trace")
+    stages = stage_costs(trace)
+    o = statistics.median(r["overhead_per_shard_ms"] for r in rows) / 1000
+    a = min(s["c"] for s in stages)  # the output stage: a call with no lookups
+    lookups = [r["pbs_per_shard"] * r["shards"] for r in result["plan"]] if "plan" in result else None
+    if lookups is None:
+        lookups = [0 if s is stages[-1] else s["shards"] for s in stages]
+    out = {"per_shard_overhead_ms": 1000 * o, "fixed_call_cost_s": a, "stages": stages, "check": [], "predicted": []}
+    for r in rows:
+        pred = predict_as_compiled(stages, r["workers"], o, args.bandwidth)
+        out["check"].append({"workers": r["workers"], "measured_s": r["latency_s"], "predicted_s": pred,
+                             "error": pred / r["latency_s"] - 1})
+    for w in [int(v) for v in args.workers.split(",")]:
+        out["predicted"].append({
+            "workers": w,
+            "as_compiled_s": predict_as_compiled(stages, w, o, args.bandwidth),
+            "resharded_s": predict_resharded(stages, lookups, a, w, o, args.bandwidth),
+        })
+    out["useful_workers_per_stage"] = {
+        s["stage"]: useful_workers(s, n, a, o, args.bandwidth) for s, n in zip(stages, lookups)
+    }
+    print(json.dumps(out, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
