@@ -61,6 +61,7 @@ def compile_model(
     name: str | None = None,
     overwrite: bool = False,
     show_progress: bool = False,
+    compress_keys: bool = True,
 ) -> Manifest:
     """Import, quantize (calibrating on `calib_x`), plan shards, compile and write the artifact."""
     ops, info = load_model_ops(model)
@@ -68,5 +69,7 @@ def compile_model(
         info["name"] = name
     graph = quantize(ops, calib_x, config)
     plan = make_plan(graph, max_shards)
-    module = compile_program(graph, plan, calib_x, p_error=p_error, show_progress=show_progress)
+    module = compile_program(
+        graph, plan, calib_x, p_error=p_error, show_progress=show_progress, compress_keys=compress_keys
+    )
     return write_artifact(out, graph, plan, module, info, p_error, overwrite=overwrite)

@@ -113,6 +113,7 @@ def compile_program(
     p_error: float = DEFAULT_P_ERROR,
     simulation: bool = False,
     show_progress: bool = False,
+    compress_keys: bool = True,
 ):
     """Compile to a concrete `fhe` module (real or simulated); bounds come from `calib_x`."""
     from concrete import fhe
@@ -130,7 +131,8 @@ def compile_program(
     attrs["composition"] = fhe.Wired(set(wires))
     module = fhe.module()(type("GravelProgram", (), attrs))
     config = fhe.Configuration(
-        compress_evaluation_keys=True,
+        compress_evaluation_keys=compress_keys,
+        dump_artifacts_on_unexpected_failures=False,
         compress_input_ciphertexts=True,
         p_error=p_error,
         fhe_simulation=simulation,

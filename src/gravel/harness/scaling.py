@@ -131,10 +131,11 @@ def plot_scaling(result: dict[str, Any], path: str | Path) -> None:
         for s in trace["shards"]:
             c = colors[stages.index(s["stage"]) % len(colors)]
             ax3.barh(s["worker"], s["finished"] - s["started"], left=s["started"] - t0, color=c, edgecolor="k")
-        for i, st in enumerate(stages):
-            ax3.barh([], [], color=colors[i % len(colors)], label=st)
+        from matplotlib.patches import Patch
+
+        ax3.legend(handles=[Patch(color=colors[i % len(colors)], label=st) for i, st in enumerate(stages)])
+        ax3.set_yticks(sorted({s["worker"] for s in trace["shards"]}))
         ax3.set(xlabel="seconds", ylabel="worker", title=f"One inference ({rows[-1]['workers']} workers)")
-        ax3.legend()
     fig.suptitle(f"{result['model']}: {result['pbs_count']} PBS, shards {result['shards']}")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
