@@ -21,6 +21,7 @@ from gravel.cluster.trace import InferenceTrace, ShardRecord
 from gravel.errors import GravelError, KeyMismatchError
 from gravel.protocol import Kind, frame, load_manifest, unframe
 from gravel.protocol.manifest import CLIENT_FILES, MANIFEST, SERVER_FILES
+from gravel.server.runner import parse_blob
 
 __all__ = ["ClusterError", "RayExecutor"]
 
@@ -131,6 +132,12 @@ class RayExecutor:
         except Exception as exc:  # noqa: BLE001 - an actor that failed in __init__
             raise ClusterError(f"a worker failed to load the artifact: {exc}") from exc
 
+    def worker_stats(self) -> list[dict[str, Any]]:
+        """Per live worker: index, node, pid, evaluation-key loads and shards run."""
+        import ray
+
+        return ray.get([w.ping.remote() for w in self._workers.values()])
+
     @property
     def workers(self) -> int:
         return len(self._workers)
@@ -170,15 +177,11 @@ class RayExecutor:
     def open_session(self, evaluation_keys: bytes) -> str:
         """Check a client's evaluation keys and put them in the object store once."""
         import ray
-        from concrete import fhe
 
         payload = unframe(evaluation_keys, Kind.EVALUATION_KEYS, self.digest, "evaluation keys")
         session = hashlib.sha256(payload).hexdigest()[:32]
         if session not in self._sessions:
-            try:
-                fhe.EvaluationKeys.deserialize(payload)
-            except Exception as exc:  # noqa: BLE001
-                raise KeyMismatchError(f"evaluation keys are corrupt or truncated ({exc})") from exc
+            parse_blob(evaluation_keys, Kind.EVALUATION_KEYS, self.digest)
             self._sessions[session] = ray.put(payload)
         return session
 
@@ -189,15 +192,10 @@ class RayExecutor:
     def infer(self, session: str, ciphertext: bytes) -> tuple[bytes, InferenceTrace]:
         """One encrypted inference; returns the framed output ciphertext and its trace."""
         import ray
-        from concrete import fhe
 
         if session not in self._sessions:
             raise KeyMismatchError(f"unknown session {session!r}; open it with the client's evaluation keys")
-        payload = unframe(ciphertext, Kind.INPUT_CIPHERTEXT, self.digest, "input ciphertext")
-        try:
-            fhe.Value.deserialize(payload)
-        except Exception as exc:  # noqa: BLE001
-            raise KeyMismatchError(f"input ciphertext is corrupt or truncated ({exc})") from exc
+        payload, _ = parse_blob(ciphertext, Kind.INPUT_CIPHERTEXT, self.digest)
         keys_box = [self._sessions[session]]
         trace = InferenceTrace(started=time.time())
         parts = [ray.put(payload)]

@@ -11,7 +11,23 @@ import numpy as np
 from gravel.errors import KeyMismatchError
 from gravel.protocol import Kind, Manifest, frame, load_manifest, unframe
 
-__all__ = ["ServerModel", "StageTrace"]
+__all__ = ["ServerModel", "StageTrace", "parse_blob"]
+
+
+def parse_blob(data: bytes, kind: Kind, digest: bytes) -> tuple[bytes, object]:
+    """Check a framed blob from a client and parse it with the backend's own deserializer.
+
+    Returns (payload, backend object); anything malformed raises KeyMismatchError naming
+    what it is, never the backend's bare exception.
+    """
+    from concrete import fhe
+
+    payload = unframe(data, kind, digest, kind.label)
+    loader = fhe.EvaluationKeys.deserialize if kind == Kind.EVALUATION_KEYS else fhe.Value.deserialize
+    try:
+        return payload, loader(payload)
+    except Exception as exc:  # noqa: BLE001 - the backend raises RuntimeError and others
+        raise KeyMismatchError(f"{kind.label}: corrupt or truncated ({exc})") from exc
 
 
 @dataclass
@@ -53,22 +69,10 @@ class ServerModel:
         return ServerModel(load_manifest(artifact, role="server"))
 
     def load_evaluation_keys(self, data: bytes):
-        from concrete import fhe
-
-        payload = unframe(data, Kind.EVALUATION_KEYS, self.digest, "evaluation keys")
-        try:
-            return fhe.EvaluationKeys.deserialize(payload)
-        except Exception as exc:  # noqa: BLE001
-            raise KeyMismatchError(f"evaluation keys are corrupt or truncated ({exc})") from exc
+        return parse_blob(data, Kind.EVALUATION_KEYS, self.digest)[1]
 
     def load_input(self, data: bytes):
-        from concrete import fhe
-
-        payload = unframe(data, Kind.INPUT_CIPHERTEXT, self.digest, "input ciphertext")
-        try:
-            return fhe.Value.deserialize(payload)
-        except Exception as exc:  # noqa: BLE001
-            raise KeyMismatchError(f"input ciphertext is corrupt or truncated ({exc})") from exc
+        return parse_blob(data, Kind.INPUT_CIPHERTEXT, self.digest)[1]
 
     def run_shard(self, stage: int, shard: int, parts: list, keys):
         w, b = self.shards[stage][shard]
