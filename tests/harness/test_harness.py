@@ -43,3 +43,18 @@ def test_onnx_float_model_compiles_post_training(tmp_path, digits):
     assert manifest.data["model"]["source"] == "onnx"
     r = bench(tmp_path / "onnx.gravel", digits, samples=2, progress=False)
     assert r["accuracy_clear"] >= 0.5
+
+
+def test_check_per_layer_analysis_on_conv_first_float_model(tmp_path, digits):
+    """A model that starts with a convolution (no input quantizer, no flatten first)."""
+    from gravel.model import Checkpoint, save_checkpoint
+
+    model, opts = build_model("float-cnn", digits.image_shape, 10)
+    metrics = train(model, digits, epochs=8, lr=1e-2, progress=False)
+    path = tmp_path / "cnn.pt"
+    save_checkpoint(Checkpoint("float-cnn", opts, digits.image_shape, 10, "digits", model, metrics), path)
+    r = check(path, digits, samples=200, sim_samples=5, fhe_samples=0, calib=200, progress=False)
+    first = r["layers"][0]
+    assert first["table_lookups"] == 2 * 8 * 8  # 2 channels x 8x8 positions
+    # quantizing only the conv stage must not be far below the float model
+    assert first["accuracy_with_only_this_quantized"] > r["accuracy_float"] - 0.1

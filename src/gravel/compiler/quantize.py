@@ -97,7 +97,7 @@ def quantize(ops: list[FloatOp], calib_x: np.ndarray, config: QuantConfig = Quan
     prefix: list[tuple] = []
     stages: list[Stage] = []
     meta: list[dict] = []
-    start = 1 if in_bits != config.in_bits or True else 0
+    start = 0  # index into `ops` where the current stage's operators begin
     out_scale = out_offset = None
     i = 0
     backend = NumpyBackend()
@@ -212,7 +212,7 @@ def quantize(ops: list[FloatOp], calib_x: np.ndarray, config: QuantConfig = Quan
                 stage.bias = stage.bias - 2 ** (stage.lsbs - 1)
             h = stage_forward(stage, [h], stage.weight_matrix(), stage.bias, backend)
         else:
-            if i != len(ops) - 1 - (1 if ops[-1] is bn and bn is not None else 0) and end < len(ops):
+            if end < len(ops):
                 raise ModelError(f"layer '{op.source}': a linear layer without activation must be the last")
             if out_scale is None:
                 out_scale = np.full(stage.out_channels, acc_scale)
