@@ -35,3 +35,23 @@ def test_errors_are_one_clear_line(tmp_path, digits_artifact):
     r = gravel("run", digits_artifact, "--eval-keys", tmp_path / "s.key", "--input", tmp_path / "s.key",
                "--out", tmp_path / "y.ct", check=False)
     assert r.returncode == 2 and "expected evaluation keys, got secret keys" in r.stderr
+
+
+def test_run_on_embedded_ray(tmp_path, digits_artifact, digits):
+    import os
+
+    gravel("keygen", digits_artifact, "--secret", tmp_path / "s.key", "--eval-keys", tmp_path / "e.evk")
+    np.save(tmp_path / "img.npy", digits.x_test[5])
+    gravel("encrypt", digits_artifact, "--secret", tmp_path / "s.key", "--image", tmp_path / "img.npy",
+           "--out", tmp_path / "x.ct")
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+    r = subprocess.run([sys.executable, "-m", "gravel.cli.main", "-q", "run", str(digits_artifact),
+                        "--eval-keys", str(tmp_path / "e.evk"), "--input", str(tmp_path / "x.ct"),
+                        "--out", str(tmp_path / "y.ct"), "--workers", "2", "--trace", str(tmp_path / "t.json")],
+                       capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "ran on 2 Ray workers" in r.stdout
+    assert len(json.loads((tmp_path / "t.json").read_text())["shards"]) == 5
+    res = json.loads(gravel("decrypt", digits_artifact, "--secret", tmp_path / "s.key",
+                            "--input", tmp_path / "y.ct").stdout)
+    assert 0 <= res["prediction"] < 10

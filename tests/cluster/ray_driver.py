@@ -75,6 +75,7 @@ def main() -> None:
                 "trace": trace.to_json(),
             })
         result["runs"] = outs
+        result["worker_stats"] = executor.worker_stats()
         try:
             executor.open_session(b"GRVL" + bytes([1, 1]) + b"\x07" * 32 + b"x")
         except GravelError as exc:

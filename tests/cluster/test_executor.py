@@ -30,6 +30,9 @@ def test_distributed_equals_single_process(digits_artifact):
         assert stages == {"stage0", "stage1"}
         for s in run["trace"]["shards"]:
             assert s["compute_s"] > 0 and s["bytes_in"] > 0 and s["bytes_out"] > 0 and s["queue_s"] >= 0
+    # four inferences, yet each worker deserialized the session's keys exactly once
+    assert [w["key_loads"] for w in r["worker_stats"]] == [1, 1]
+    assert all(w["shards_run"] >= 4 for w in r["worker_stats"])
     assert "evaluation keys" in r["foreign_keys_error"] and "another model" in r["foreign_keys_error"]
 
 

@@ -142,6 +142,10 @@ def cmd_encrypt(args) -> None:
 
 
 def cmd_run(args) -> None:
+    import os
+
+    if args.workers or args.ray_address or os.environ.get("RAY_ADDRESS"):
+        return _run_on_cluster(args)
     from gravel.server import ServerModel
 
     server = ServerModel.load(args.artifact)
@@ -154,6 +158,32 @@ def cmd_run(args) -> None:
     print(f"ran in {elapsed:.3f} s -> {args.out}")
     for st in trace:
         print(f"  {st.stage}: {st.shards} shards, {st.seconds:.3f} s")
+
+
+def _run_on_cluster(args) -> None:
+    """`gravel run` on Ray: embedded, or the cluster at --ray-address / RAY_ADDRESS."""
+    import os
+
+    import ray
+
+    from gravel.cluster import RayExecutor
+
+    executor = RayExecutor(args.artifact, workers=args.workers, address=args.ray_address)
+    session = executor.open_session(Path(args.eval_keys).read_bytes())
+    out, trace = executor.infer(session, Path(args.input).read_bytes())
+    _write(args.out, out)
+    print(f"ran on {executor.workers} Ray workers ({len(trace.nodes)} nodes) in {trace.latency_s:.3f} s "
+          f"-> {args.out}")
+    for stage in dict.fromkeys(r.stage for r in trace.shards):
+        rows = [r for r in trace.shards if r.stage == stage]
+        print(f"  {stage}: {len(rows)} shards on workers {sorted({r.worker for r in rows})}, "
+              f"slowest {max(r.compute_s for r in rows):.3f} s")
+    if args.trace:
+        Path(args.trace).write_text(json.dumps(trace.to_json(), indent=1))
+    sys.stdout.flush()
+    executor.shutdown()
+    ray.shutdown()
+    os._exit(0)  # see _bench_workers: skip teardown of a process that drove Ray and concrete
 
 
 def cmd_decrypt(args) -> None:
@@ -312,6 +342,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-keys", required=True)
     p.add_argument("--input", required=True)
     p.add_argument("--out", required=True)
+    p.add_argument("--workers", type=int, help="run on this many Ray workers (embedded Ray unless --ray-address)")
+    p.add_argument("--ray-address", help="join this Ray cluster (or set RAY_ADDRESS)")
+    p.add_argument("--trace", help="with Ray: write the inference trace (JSON) here")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("decrypt", help="client: decrypt and dequantize a prediction")

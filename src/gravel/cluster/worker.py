@@ -34,9 +34,12 @@ class ShardWorker:
             (self.dir / name).write_bytes(data)
         self.model = ServerModel.load(self.dir)
         self.keys: OrderedDict[str, Any] = OrderedDict()
+        self.key_loads = 0
+        self.shards_run = 0
 
     def ping(self) -> dict[str, Any]:
-        return {"worker": self.index, "node": self.node, "pid": os.getpid()}
+        return {"worker": self.index, "node": self.node, "pid": os.getpid(),
+                "key_loads": self.key_loads, "shards_run": self.shards_run}
 
     def _session_keys(self, session: str, keys_box: list) -> Any:
         if session in self.keys:
@@ -46,6 +49,7 @@ class ShardWorker:
         from concrete import fhe
 
         keys = fhe.EvaluationKeys.deserialize(ray.get(keys_box[0]))
+        self.key_loads += 1
         self.keys[session] = keys
         while len(self.keys) > MAX_SESSIONS:
             self.keys.popitem(last=False)
@@ -64,6 +68,7 @@ class ShardWorker:
         t0 = time.perf_counter()
         out = self.model.run_shard(stage, shard, values, keys).serialize()
         compute = time.perf_counter() - t0
+        self.shards_run += 1
         return out, {
             "worker": self.index,
             "node": self.node,

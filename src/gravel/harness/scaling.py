@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import statistics
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -73,7 +74,7 @@ def bench_workers(
                     example = trace
                 t = time.perf_counter()
                 with ThreadPoolExecutor(max_workers=max(2, w)) as pool:
-                    list(pool.map(lambda ct: executor.infer(session, ct), cts * 2))
+                    list(pool.map(functools.partial(executor.infer, session), cts * 2))
                 wall = time.perf_counter() - t
             finally:
                 executor.shutdown()
