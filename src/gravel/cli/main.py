@@ -205,8 +205,10 @@ def cmd_check(args) -> None:
         print(json.dumps(r))
         return
     print(f"accuracy on {r['samples']} test images: float {r['accuracy_float']:.4f}, "
-          f"quantized {r['accuracy_quantized']:.4f}, FHE simulation {r['accuracy_simulated']:.4f} "
-          f"({r['simulated_samples']} images, agreement {r['simulation_agreement']:.3f})")
+          f"quantized {r['accuracy_quantized']:.4f}")
+    if r["simulated_samples"]:
+        print(f"FHE simulation on {r['simulated_samples']} images: accuracy {r['accuracy_simulated']:.4f}, "
+              f"agreement {r['simulation_agreement']:.3f}")
     if "accuracy_encrypted" in r:
         print(f"real encryption on {r['encrypted_samples']} images: accuracy {r['accuracy_encrypted']:.4f}, "
               f"agreement {r['encrypted_agreement']:.3f}, {r['latency_s']:.2f} s each, "
@@ -384,7 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def run_command(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
@@ -394,5 +396,16 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point. concrete-python's runtime, once used, makes the interpreter exit
+    with status 0 from its own teardown; leave with our status before that can happen."""
+    import os
+
+    code = run_command(argv)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    main()
