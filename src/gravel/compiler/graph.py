@@ -67,7 +67,7 @@ class Stage:
     act: Activation | None = None
     lsbs: int = 0  # low bits of the accumulator rounded away before the table lookup
     acc_range: tuple[int, int] = (0, 0)  # accumulator range seen on calibration data
-    acc_bits: int = 0  # signed width given to the accumulator: calibrated range + headroom
+    acc_bits: int = 0  # signed width of the calibrated accumulator range
     exact_rounding: bool = False  # approximate rounding may be off by one step; exact is not
 
     @property
@@ -167,9 +167,6 @@ class NumpyBackend:
     def lut(self, fn: Callable[[Any], Any], a: Any) -> Any:
         return fn(a)
 
-    def hint(self, a: Any, bits: int) -> Any:
-        return a
-
     def to_channels_first(self, a: Any, shape: tuple[int, ...]) -> Any:
         # (N, P, n) -> (N, n, Ho, Wo)
         return np.transpose(a, (0, 2, 1)).reshape((a.shape[0], a.shape[2]) + shape)
@@ -250,5 +247,4 @@ def stage_forward(stage: Stage, parts: Sequence[Any], w: Any, b: Any, backend: A
         acc = backend.to_channels_first(acc, stage.out_shape[1:])
     if stage.act is None:
         return acc
-    acc = backend.hint(acc, stage.acc_bits)
     return backend.lut(activation_fn(stage.act), backend.round(acc, stage.lsbs, stage.exact_rounding))

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from gravel.compiler.graph import IntGraph, Stage, stage_forward
+from gravel.compiler.graph import IntGraph, NumpyBackend, Stage, stage_forward
 from gravel.compiler.plan import ShardPlan, shard_weights
 from gravel.errors import ModelError
 
@@ -46,17 +46,14 @@ class TraceBackend:
         return np.concatenate((flat, fhe.zeros((1,))), axis=0)
 
     def round(self, a, lsbs, exact=False):
+        # Accumulator bounds come from the inputset: fhe.hint(bit_width=...) on the
+        # accumulator gave wrong results with concrete-python 2.11.
         from concrete import fhe
 
         if lsbs == 0:
             return a
         exactness = fhe.Exactness.EXACT if exact else fhe.Exactness.APPROXIMATE
         return fhe.round_bit_pattern(a, lsbs_to_remove=lsbs, exactness=exactness)
-
-    def hint(self, a, bits):
-        """Accumulator bounds come from the inputset. (fhe.hint(bit_width=...) here gave wrong
-        results with concrete-python 2.11, so the width is not pinned; see the README.)"""
-        return a
 
     def lut(self, fn, a):
         from concrete import fhe
@@ -96,14 +93,8 @@ def inputsets(graph: IntGraph, plan: ShardPlan, calib_x: np.ndarray) -> dict[str
             parts = tuple(np.ascontiguousarray(h[n, k * size : (k + 1) * size]) for k in range(sp.in_parts))
             samples.append(parts + weights[n % sp.shards])
         sets[stage.name] = samples
-        h = _next(stage, h)
+        h = stage_forward(stage, [h], stage.weight_matrix(), stage.bias, NumpyBackend())
     return sets
-
-
-def _next(stage: Stage, h: np.ndarray) -> np.ndarray:
-    from gravel.compiler.graph import NumpyBackend
-
-    return stage_forward(stage, [h], stage.weight_matrix(), stage.bias, NumpyBackend())
 
 
 def compile_program(

@@ -27,11 +27,7 @@ from gravel.compiler.ops import (
 )
 from gravel.errors import ModelError
 
-__all__ = ["ACC_HEADROOM_BITS", "QuantConfig", "quantize", "signed_width"]
-
-# Extra accumulator bits beyond the calibrated range. 0: concrete measures the same bounds on
-# the same calibration images, so the rounding keeps exactly `tlu_bits` bits.
-ACC_HEADROOM_BITS = 0
+__all__ = ["QuantConfig", "quantize", "signed_width"]
 
 
 @dataclass(frozen=True)
@@ -126,7 +122,7 @@ def quantize(ops: list[FloatOp], calib_x: np.ndarray, config: QuantConfig = Quan
             raise ModelError(f"layer '{op.source}': Linear needs a flat input, got shape {shape}; add Flatten")
         if kind == "conv" and len(shape) != 3:
             raise ModelError(f"layer '{op.source}': Conv2d needs a (C, H, W) input, got shape {shape}")
-        fan_in = op.weight.shape[1] if kind == "linear" else op.weight.shape[1]
+        fan_in = op.weight.shape[1]  # Linear (out, in) and Conv2d (O, C, kh, kw) alike
         expected = shape[0]
         if fan_in != expected:
             raise ModelError(f"layer '{op.source}': expects {fan_in} input features/channels, gets {expected}")
@@ -202,7 +198,9 @@ def quantize(ops: list[FloatOp], calib_x: np.ndarray, config: QuantConfig = Quan
             else:
                 scale, offset = 2.0, -1.0  # bit b stands for 2b - 1
             stage.act = activation
-            stage.acc_bits = signed_width(*stage.acc_range) + ACC_HEADROOM_BITS
+            # concrete measures the same bounds on the same calibration images, so rounding
+            # away `lsbs` keeps exactly `tlu_bits` bits for the lookup
+            stage.acc_bits = signed_width(*stage.acc_range)
             stage.lsbs = max(0, stage.acc_bits - config.tlu_bits)
             stage.exact_rounding = config.rounding == "exact" or (
                 config.rounding == "auto" and activation.kind == "sign"
