@@ -53,8 +53,9 @@ def test_simulated_program_agrees_with_clear_reference(digits, arch):
     calib = digits.x_train[:200]
     graph = quantize(ops, calib)
     plan = make_plan(graph, 4)
-    module = compile_program(graph, plan, calib, simulation=True)
-    x = digits.x_test[:30]
+    # p_error 1e-4: this tests the program against the reference, not the backend's error rate
+    module = compile_program(graph, plan, calib, p_error=1e-4, simulation=True)
+    x = digits.x_test[:60]
     # Approximate rounding may move an accumulator by one step; near-ties can flip.
     agreement = (simulate(module, graph, plan, x) == graph.predict(x)).mean()
     assert agreement >= 0.85
