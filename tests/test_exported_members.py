@@ -3,8 +3,8 @@ import gravel
 
 def test_exported_members():
     assert set(gravel.__all__) == {
-        "ArtifactError", "ClientModel", "DataError", "GravelError", "InputError", "KeyMismatchError",
-        "ModelError", "QuantConfig", "SecretKeys", "ServerModel", "__version__", "compile_model", "load_dataset",
+        "ArtifactError", "AsyncClient", "Client", "ClientModel", "DataError", "GravelError", "InputError", "KeyMismatchError",
+        "ModelError", "QuantConfig", "SecretKeys", "ServerModel", "ServiceError", "__version__", "compile_model", "load_dataset",
     }
     for name in gravel.__all__:
         assert hasattr(gravel, name)
@@ -15,5 +15,5 @@ def test_client_never_imports_server():
     import subprocess
     import sys
 
-    code = "import sys, gravel.client; assert 'gravel.server' not in sys.modules and 'gravel.compiler' not in sys.modules"
+    code = "import sys, gravel.client; assert 'gravel.server' not in sys.modules and 'gravel.compiler' not in sys.modules and 'gravel.service' not in sys.modules and 'gravel.cluster' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -18,6 +18,7 @@ from gravel.errors import (
     InputError,
     KeyMismatchError,
     ModelError,
+    ServiceError,
 )
 
 try:
@@ -26,6 +27,8 @@ except PackageNotFoundError:  # pragma: no cover - running from a source tree
     __version__ = "0.0.0"
 
 _LAZY = {
+    "AsyncClient": "gravel.client",
+    "Client": "gravel.client",
     "ClientModel": "gravel.client",
     "SecretKeys": "gravel.client",
     "ServerModel": "gravel.server",
@@ -36,6 +39,8 @@ _LAZY = {
 
 __all__ = [
     "ArtifactError",
+    "AsyncClient",
+    "Client",
     "ClientModel",
     "DataError",
     "GravelError",
@@ -45,6 +50,7 @@ __all__ = [
     "QuantConfig",
     "SecretKeys",
     "ServerModel",
+    "ServiceError",
     "__version__",
     "compile_model",
     "load_dataset",

@@ -5,7 +5,8 @@
     ├── ModelError           a model uses an operator or setting Gravel cannot compile
     ├── ArtifactError        an artifact directory is incomplete, altered or of another version
     ├── KeyMismatchError     keys or ciphertexts belong to another model, or are not keys at all
-    └── InputError           an input has the wrong shape, dtype or value range
+    ├── InputError           an input has the wrong shape, dtype or value range
+    └── ServiceError         a Gravel server answered with an error, or could not be reached
 
 Every message names the file, layer or value at fault and, where there is one, what to do.
 """
@@ -19,6 +20,7 @@ __all__ = [
     "ArtifactError",
     "KeyMismatchError",
     "InputError",
+    "ServiceError",
 ]
 
 
@@ -44,3 +46,12 @@ class KeyMismatchError(GravelError):
 
 class InputError(GravelError):
     """An input array does not match what the model expects."""
+
+
+class ServiceError(GravelError):
+    """A Gravel server refused a request (`status` is its HTTP status) or could not be reached
+    (`status` is None); the message is the server's own explanation."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status

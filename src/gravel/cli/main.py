@@ -298,6 +298,68 @@ def cmd_demo(args) -> None:
           f"output {r['output_ct_bytes'] / 1e3:.1f} kB; {r['pbs_count']} table lookups")
 
 
+def cmd_serve(args) -> None:
+    """Run the HTTP service until interrupted."""
+    import logging
+
+    import uvicorn
+
+    from gravel.service import ServiceConfig, create_app
+
+    config = ServiceConfig()
+    config.data_dir = Path(args.data_dir) if args.data_dir else config.data_dir
+    config.admin_token = args.admin_token or config.admin_token
+    config.executor = args.executor or config.executor
+    config.ray_address = args.ray_address or config.ray_address
+    config.workers = args.workers
+    if args.session_ttl is not None:
+        config.session_ttl_s = args.session_ttl
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    print(f"gravel serve: http://{args.host}:{args.port}/v1 (data in {config.data_dir}, executor {config.executor})",
+          file=sys.stderr, flush=True)
+    uvicorn.run(create_app(config), host=args.host, port=args.port, log_level="warning" if args.quiet else "info")
+
+
+def cmd_openapi(args) -> None:
+    import json
+
+    from gravel.service import ServiceConfig, create_app
+
+    text = json.dumps(create_app(ServiceConfig()).openapi(), indent=2, sort_keys=True) + "\n"
+    if args.out:
+        _write(args.out, text.encode())
+    else:
+        sys.stdout.write(text)
+
+
+def cmd_deploy(args) -> None:
+    from gravel.client import Client
+
+    with Client(args.server, token=args.token, progress=not args.quiet) as client:
+        info = client.deploy(args.artifact)
+    print(f"deployed {info['name']} ({info['pbs_count']} table lookups, input {info['input_shape']}) "
+          f"to {args.server}")
+
+
+def cmd_predict(args) -> None:
+    from gravel.client import Client
+
+    if not args.images:
+        raise InputError("name at least one image file (.npy, .png, ...)")
+    images = []
+    for name in args.images:
+        args.image = name
+        images.append(_load_image(args)[0])
+    with Client(args.server, cache_dir=args.cache_dir, progress=not args.quiet) as client:
+        session = client.session(args.model)
+        t = time.perf_counter()
+        labels = [session.predict(x) for x in images] if len(images) == 1 else session.predict_batch(images)
+        elapsed = time.perf_counter() - t
+    for name, label in zip(args.images, labels):
+        print(f"{name}\t{label}")
+    print(f"{len(images)} encrypted predictions in {elapsed:.2f} s (session {session.id})", file=sys.stderr)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gravel", description="Private inference on encrypted data (TFHE).")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
@@ -377,6 +439,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trace", action="store_true", help="with --workers --json: include one inference's trace")
     _add_quant(p)
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("serve", help="run the HTTP service (models, sessions, encrypted inference)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8470)
+    p.add_argument("--data-dir", help="store directory (default: GRAVEL_DATA_DIR or ./gravel-data)")
+    p.add_argument("--admin-token", help="admin token (default: GRAVEL_ADMIN_TOKEN, else one written to DATA_DIR/admin.token)")
+    p.add_argument("--executor", choices=["ray", "local"], help="ray (default; embedded unless --ray-address) or local")
+    p.add_argument("--ray-address", help="join this Ray cluster (or set RAY_ADDRESS)")
+    p.add_argument("--workers", type=int, help="Ray workers per model (default: one per CPU)")
+    p.add_argument("--session-ttl", type=float, help="seconds an idle session is kept (default 86400)")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("openapi", help="print the service's OpenAPI document")
+    p.add_argument("--out", help="write it to this file")
+    p.set_defaults(func=cmd_openapi)
+
+    p = sub.add_parser("deploy", help="model owner: upload an artifact to a server (admin token)")
+    p.add_argument("artifact")
+    p.add_argument("--server", required=True, help="server URL, e.g. http://127.0.0.1:8470")
+    p.add_argument("--token", help="admin token (default: GRAVEL_ADMIN_TOKEN)")
+    p.set_defaults(func=cmd_deploy)
+
+    p = sub.add_parser("predict", help="client: encrypted prediction of image files through a server")
+    p.add_argument("images", nargs="*", help=".npy arrays or image files (grey levels)")
+    p.add_argument("--server", required=True)
+    p.add_argument("--model", required=True)
+    p.add_argument("--cache-dir", help="keys and sessions (default: GRAVEL_CACHE_DIR or ~/.cache/gravel)")
+    p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("demo", help="the whole private path on embedded defaults")
     _add_data(p, required=False)

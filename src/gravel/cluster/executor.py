@@ -15,7 +15,7 @@ import socket
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from gravel.cluster.trace import InferenceTrace, ShardRecord
 from gravel.errors import GravelError, KeyMismatchError
@@ -189,8 +189,12 @@ class RayExecutor:
         self._sessions.pop(session, None)
 
     # -- inference -------------------------------------------------------------------------
-    def infer(self, session: str, ciphertext: bytes) -> tuple[bytes, InferenceTrace]:
-        """One encrypted inference; returns the framed output ciphertext and its trace."""
+    def infer(
+        self, session: str, ciphertext: bytes, progress: Callable[[int, int], None] | None = None
+    ) -> tuple[bytes, InferenceTrace]:
+        """One encrypted inference; returns the framed output ciphertext and its trace.
+
+        `progress(stages_done, stages)` is called as each stage's shards are all back."""
         import ray
 
         if session not in self._sessions:
@@ -201,6 +205,8 @@ class RayExecutor:
         parts = [ray.put(payload)]
         for stage_index, row in enumerate(self.manifest.plan):
             parts = self._run_stage(session, keys_box, stage_index, row, parts, trace)
+            if progress is not None:
+                progress(stage_index + 1, len(self.manifest.plan))
         out = ray.get(parts[0])
         trace.finished = time.time()
         return frame(Kind.OUTPUT_CIPHERTEXT, self.digest, out), trace

@@ -1,7 +1,19 @@
 """The contract between client and server: the artifact manifest and the framing of key and
 ciphertext bytes. Client and server import this package, never each other."""
 
+from gravel.protocol.batch import is_batch, pack_batch, unpack_batch
 from gravel.protocol.framing import Kind, frame, unframe
 from gravel.protocol.manifest import FORMAT_VERSION, Manifest, file_sha256, load_manifest
 
-__all__ = ["FORMAT_VERSION", "Kind", "Manifest", "file_sha256", "frame", "load_manifest", "unframe"]
+__all__ = [
+    "FORMAT_VERSION",
+    "Kind",
+    "Manifest",
+    "file_sha256",
+    "frame",
+    "is_batch",
+    "load_manifest",
+    "pack_batch",
+    "unframe",
+    "unpack_batch",
+]

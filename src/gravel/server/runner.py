@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -79,8 +80,10 @@ class ServerModel:
         name = self.manifest.plan[stage]["name"]
         return self._server.run(*parts, w, b, evaluation_keys=keys, function_name=name)
 
-    def run(self, keys, value) -> tuple[object, list[StageTrace]]:
-        """One inference, shards run one after another; returns the output Value and a trace."""
+    def run(self, keys, value, progress: Callable[[int, int], None] | None = None) -> tuple[object, list[StageTrace]]:
+        """One inference, shards run one after another; returns the output Value and a trace.
+
+        `progress(stages_done, stages)` is called after each stage, for long inferences."""
         parts = [value]
         trace = []
         for i, row in enumerate(self.manifest.plan):
@@ -92,6 +95,8 @@ class ServerModel:
                 times.append(time.perf_counter() - ts)
             trace.append(StageTrace(row["name"], row["shards"], time.perf_counter() - t0, times))
             parts = outs
+            if progress is not None:
+                progress(i + 1, len(self.manifest.plan))
         return parts[0], trace
 
     def frame_output(self, value) -> bytes:

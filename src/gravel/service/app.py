@@ -1,0 +1,195 @@
+"""The HTTP service: `create_app(config)` builds the FastAPI app that `gravel serve` runs.
+
+Start-up opens the store (SQLite + blobs), starts the engine (in-process or Ray), re-queues
+the jobs the last process acknowledged but did not finish, and starts the sweeper that expires
+idle sessions and old results. Every error leaves as JSON `{"detail": "..."}`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse
+from pydantic import BaseModel
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+import gravel
+from gravel.errors import GravelError
+from gravel.protocol import is_batch, unpack_batch
+from gravel.service import routes_models, routes_sessions
+from gravel.service.auth import hash_token, new_token
+from gravel.service.config import ServiceConfig
+from gravel.service.engine import make_engine
+from gravel.service.jobs import Job, JobRunner
+from gravel.service.metrics import Metrics
+from gravel.service.state import Service, service_of
+from gravel.service.store import Store
+
+__all__ = ["create_app"]
+
+log = logging.getLogger("gravel.service")
+
+
+class Health(BaseModel):
+    status: str
+    version: str
+
+
+class Ready(BaseModel):
+    ready: bool
+    engine: str
+    models: int
+    sessions: int
+    queue_depth: int
+    uptime_s: float
+
+
+def admin_hash(config: ServiceConfig) -> str:
+    """The admin token's hash; without one configured, a random token is written (0600) to
+    DATA_DIR/admin.token so that only whoever can read the data directory manages models."""
+    if config.admin_token:
+        return hash_token(config.admin_token)
+    path = Path(config.data_dir) / "admin.token"
+    if not path.is_file():
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(new_token() + "\n")
+    log.warning("no admin token given: using the one in %s", path)
+    return hash_token(path.read_text().strip())
+
+
+def _recover(svc: Service) -> int:
+    """Re-queue the jobs acknowledged before the last stop and not finished."""
+    jobs = svc.store.unfinished_jobs()
+    for row in jobs:
+        data = svc.store.read_blob(row["input_sha"])
+        batch = is_batch(data)
+        session = svc.store.get_session(row["session"])
+        model = svc.store.get_model(row["model"])
+        svc.runner.submit(
+            Job(
+                id=row["id"], session=row["session"], model=row["model"], artifact=svc.store.model_view(model),
+                keys_sha=session["keys_sha"], items=unpack_batch(data) if batch else [data], persisted=True,
+                batch=batch,
+            )
+        )
+    return len(jobs)
+
+
+async def _sweep(svc: Service) -> None:
+    while True:
+        await asyncio.sleep(svc.config.sweep_interval_s)
+        try:
+            c = svc.config
+            gone = await run_in_threadpool(svc.store.expire, c.session_ttl_s, c.result_ttl_s, c.fetched_grace_s)
+            for sid in gone:
+                svc.engine.drop_session(sid)
+            svc.metrics.sessions.set(svc.store.count_sessions())
+        except Exception:  # noqa: BLE001 - the sweeper must outlive one bad pass
+            log.exception("sweep failed")
+
+
+def create_app(config: ServiceConfig | None = None) -> FastAPI:
+    config = config or ServiceConfig()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        Path(config.data_dir).mkdir(parents=True, exist_ok=True)
+        store = Store(config.data_dir)
+        engine = make_engine(config.executor, config.ray_address, config.workers)
+        metrics = Metrics()
+        svc = Service(config, store, engine, None, metrics, admin_hash(config), time.time())  # type: ignore[arg-type]
+        svc.runner = JobRunner(store, engine, on_finish=svc.finish)
+        app.state.service = svc
+        recovered = _recover(svc)
+        metrics.sessions.set(store.count_sessions())
+        log.info("gravel service on %s: engine %s, %d models, %d jobs re-queued",
+                 config.data_dir, engine.description, len(store.list_models()), recovered)
+        sweeper = asyncio.create_task(_sweep(svc))
+        yield
+        sweeper.cancel()
+        svc.runner.close()
+        engine.close()
+        store.close()
+
+    app = FastAPI(
+        title="Gravel",
+        version=gravel.__version__,
+        description="Private inference on encrypted data: the server computes on TFHE ciphertexts "
+        "and never sees a secret key. Model management needs the admin token; a session's "
+        "token reaches that session's keys, jobs and results only (Authorization: Bearer TOKEN).",
+        lifespan=lifespan,
+    )
+    app.include_router(routes_models.router)
+    app.include_router(routes_sessions.router)
+    _ops_routes(app)
+    _error_handlers(app)
+    _metrics_middleware(app)
+    return app
+
+
+def _ops_routes(app: FastAPI) -> None:
+    @app.get("/v1/health", response_model=Health, tags=["operations"], summary="Liveness")
+    def health() -> Health:
+        return Health(status="ok", version=gravel.__version__)
+
+    @app.get("/v1/ready", response_model=Ready, tags=["operations"], summary="Readiness: store and engine up",
+             responses={503: {"model": Ready}})
+    def ready(request: Request):
+        svc = service_of(request)
+        ok = svc.store.integrity() == "ok"
+        body = Ready(ready=ok, engine=svc.engine.description, models=len(svc.store.list_models()),
+                     sessions=svc.store.count_sessions(), queue_depth=svc.runner.depth,
+                     uptime_s=round(time.time() - svc.started, 3))
+        return body if ok else JSONResponse(body.model_dump(), status_code=503)
+
+    @app.get("/metrics", tags=["operations"], summary="Prometheus metrics", response_class=PlainTextResponse)
+    def metrics(request: Request) -> PlainTextResponse:
+        svc = service_of(request)
+        svc.metrics.queue_depth.set(svc.runner.depth)
+        return PlainTextResponse(svc.metrics.render(), media_type="text/plain; version=0.0.4")
+
+
+def _error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError):
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
+        return JSONResponse({"detail": f"invalid request: {problems}"}, status_code=422)
+
+    @app.exception_handler(GravelError)
+    async def gravel_error(request: Request, exc: GravelError):
+        return JSONResponse({"detail": str(exc)}, status_code=400)
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception):
+        log.exception("unexpected error on %s %s", request.method, request.url.path)
+        return JSONResponse({"detail": f"internal error: {type(exc).__name__}"}, status_code=500)
+
+
+def _metrics_middleware(app: FastAPI) -> None:
+    @app.middleware("http")
+    async def observe(request: Request, call_next):
+        t0 = time.perf_counter()
+        response = await call_next(request)
+        route = request.scope.get("route")
+        label = getattr(route, "path", "unmatched")
+        svc = getattr(request.app.state, "service", None)
+        if svc is not None:
+            m = svc.metrics
+            m.requests.labels(request.method, label, str(response.status_code)).inc()
+            m.latency.labels(label).observe(time.perf_counter() - t0)
+            m.bytes_in.labels(label).inc(int(request.headers.get("content-length") or 0))
+            m.bytes_out.labels(label).inc(int(response.headers.get("content-length") or 0))
+        return response

@@ -1,0 +1,391 @@
+"""What the service keeps across restarts: SQLite rows and content-addressed blob files.
+
+Rows (models, sessions, jobs) live in SQLite (WAL, synchronous=FULL). Large bytes (artifact
+files, evaluation keys, job inputs and results) live in `blobs/`, one file per SHA-256 of the
+content, written to `tmp/` first, fsynced, then renamed into place. A row is committed only
+after its blobs are in place, so anything acknowledged to a client survives a SIGKILL; a blob
+whose row never got committed is an orphan, removed at the next start.
+
+One lock serializes "put blob + insert row" against "delete row + unlink unreferenced blob";
+otherwise two uploads of identical keys could race with the removal of one of them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sqlite3
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+__all__ = ["BlobWriter", "Store", "TooLarge"]
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS models (
+    name TEXT PRIMARY KEY,
+    digest TEXT NOT NULL,
+    manifest_sha TEXT NOT NULL,
+    files TEXT NOT NULL,            -- JSON {file name: sha256}
+    manifest TEXT NOT NULL,         -- the manifest's JSON, for describe
+    created REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS sessions (
+    id TEXT PRIMARY KEY,
+    model TEXT NOT NULL REFERENCES models(name) ON DELETE CASCADE,
+    token_hash TEXT NOT NULL,
+    keys_sha TEXT NOT NULL,
+    keys_bytes INTEGER NOT NULL,
+    created REAL NOT NULL,
+    last_used REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS jobs (
+    id TEXT PRIMARY KEY,
+    session TEXT NOT NULL REFERENCES sessions(id) ON DELETE CASCADE,
+    status TEXT NOT NULL,            -- queued, running, done, failed
+    items INTEGER NOT NULL,
+    done INTEGER NOT NULL DEFAULT 0,
+    input_sha TEXT,
+    result_sha TEXT,
+    error TEXT,
+    created REAL NOT NULL,
+    finished REAL,
+    fetched REAL
+);
+CREATE INDEX IF NOT EXISTS jobs_by_session ON jobs(session);
+"""
+
+BLOB_COLUMNS = (
+    ("sessions", "keys_sha"),
+    ("jobs", "input_sha"),
+    ("jobs", "result_sha"),
+)
+
+
+class TooLarge(Exception):
+    """A streamed body went over its size limit."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"body is larger than the limit of {limit} bytes")
+        self.limit = limit
+
+
+@dataclass(frozen=True)
+class Blob:
+    sha: str
+    size: int
+
+
+class BlobWriter:
+    """Receives a body chunk by chunk into a temporary file, hashing and counting as it goes."""
+
+    def __init__(self, store: Store, limit: int) -> None:
+        self._store = store
+        self.limit = limit
+        fd, name = tempfile.mkstemp(dir=store.tmp_dir, prefix="upload-")
+        self._file = os.fdopen(fd, "wb")
+        self.path = Path(name)
+        self._hash = hashlib.sha256()
+        self.size = 0
+        self._head = b""
+        self.blob: Blob | None = None
+
+    def write(self, chunk: bytes) -> None:
+        self.size += len(chunk)
+        if self.size > self.limit:
+            raise TooLarge(self.limit)
+        if len(self._head) < 64:
+            self._head += chunk[: 64 - len(self._head)]
+        self._hash.update(chunk)
+        self._file.write(chunk)
+
+    @property
+    def head(self) -> bytes:
+        """The first bytes, enough to check a blob's frame before reading it all."""
+        return self._head
+
+    def finish(self) -> Blob:
+        """Flush and fsync; the file stays in tmp/ until `Store.adopt` moves it into blobs/."""
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        self.blob = Blob(self._hash.hexdigest(), self.size)
+        return self.blob
+
+    def read(self) -> bytes:
+        return self.path.read_bytes()
+
+    def discard(self) -> None:
+        if not self._file.closed:
+            self._file.close()
+        self.path.unlink(missing_ok=True)
+
+
+class Store:
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+        self.blob_dir = self.root / "blobs"
+        self.tmp_dir = self.root / "tmp"
+        self.view_dir = self.root / "views"
+        for d in (self.blob_dir, self.tmp_dir, self.view_dir):
+            d.mkdir(parents=True, exist_ok=True)
+        for leftover in self.tmp_dir.iterdir():  # uploads cut short by a crash
+            leftover.unlink(missing_ok=True)
+        self.lock = threading.RLock()
+        self._db = sqlite3.connect(self.root / "gravel.db", check_same_thread=False, isolation_level=None)
+        self._db.row_factory = sqlite3.Row
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute("PRAGMA foreign_keys=ON")
+        self._db.executescript(SCHEMA)
+        self.collect_garbage(min_age_s=0.0)
+
+    def close(self) -> None:
+        with self.lock:
+            self._db.close()
+
+    def integrity(self) -> str:
+        with self.lock:
+            return self._db.execute("PRAGMA integrity_check").fetchone()[0]
+
+    # -- blobs ------------------------------------------------------------------------------
+    def blob_path(self, sha: str) -> Path:
+        return self.blob_dir / sha[:2] / sha
+
+    def writer(self, limit: int) -> BlobWriter:
+        return BlobWriter(self, limit)
+
+    def adopt(self, writer: BlobWriter, blob: Blob) -> None:
+        """Move a finished upload into blobs/ under its hash (call with `lock` held)."""
+        target = self.blob_path(blob.sha)
+        target.parent.mkdir(exist_ok=True)
+        if target.exists():
+            writer.discard()
+        else:
+            os.replace(writer.path, target)
+            _fsync_dir(target.parent)
+
+    def put_bytes(self, data: bytes) -> Blob:
+        """Write bytes as a blob (call with `lock` held, then reference it in a row)."""
+        return self._put([data])
+
+    def put_file(self, src: Path) -> Blob:
+        """Copy a file in as a blob (call with `lock` held, then reference it in a row)."""
+        with open(src, "rb") as f:
+            return self._put(iter(lambda: f.read(1 << 20), b""))
+
+    def _put(self, chunks) -> Blob:
+        w = self.writer(1 << 62)
+        try:
+            for chunk in chunks:
+                w.write(chunk)
+            blob = w.finish()
+            self.adopt(w, blob)
+            return blob
+        except BaseException:
+            w.discard()
+            raise
+
+    def read_blob(self, sha: str) -> bytes:
+        return self.blob_path(sha).read_bytes()
+
+    def collect_garbage(self, min_age_s: float = 600.0, candidates: list[str] | None = None) -> int:
+        """Unlink blobs no row references (older than `min_age_s`, to spare fresh uploads)."""
+        with self.lock:
+            used = self._referenced()
+            paths = (
+                [self.blob_path(s) for s in candidates]
+                if candidates is not None
+                else [p for d in self.blob_dir.iterdir() if d.is_dir() for p in d.iterdir()]
+            )
+            now, removed = time.time(), 0
+            for p in paths:
+                try:
+                    if p.name not in used and now - p.stat().st_mtime >= min_age_s:
+                        p.unlink()
+                        removed += 1
+                except FileNotFoundError:
+                    pass
+            return removed
+
+    def _referenced(self) -> set[str]:
+        used = set()
+        for table, column in BLOB_COLUMNS:
+            used.update(r[0] for r in self._db.execute(f"SELECT {column} FROM {table} WHERE {column} IS NOT NULL"))
+        for (files,) in self._db.execute("SELECT files FROM models"):
+            used.update(json.loads(files).values())
+        return used
+
+    # -- models -----------------------------------------------------------------------------
+    def add_model(self, name: str, digest: str, manifest_sha: str, files: dict[str, str], manifest: dict) -> None:
+        with self.lock:
+            self._db.execute(
+                "INSERT INTO models VALUES (?, ?, ?, ?, ?, ?)",
+                (name, digest, manifest_sha, json.dumps(files), json.dumps(manifest), time.time()),
+            )
+
+    def get_model(self, name: str) -> dict[str, Any] | None:
+        with self.lock:
+            row = self._db.execute("SELECT * FROM models WHERE name = ?", (name,)).fetchone()
+        return _model_row(row) if row else None
+
+    def list_models(self) -> list[dict[str, Any]]:
+        with self.lock:
+            rows = self._db.execute("SELECT * FROM models ORDER BY name").fetchall()
+        return [_model_row(r) for r in rows]
+
+    def delete_model(self, name: str) -> list[str]:
+        """Delete a model with its sessions and jobs; returns the ids of the sessions removed."""
+        with self.lock:
+            model = self.get_model(name)
+            if model is None:
+                return []
+            sessions = [r[0] for r in self._db.execute("SELECT id FROM sessions WHERE model = ?", (name,))]
+            self._db.execute("DELETE FROM models WHERE name = ?", (name,))
+            self.collect_garbage(min_age_s=0.0, candidates=self._orphans())
+            shutil.rmtree(self.view_dir / model["manifest_sha"], ignore_errors=True)
+            return sessions
+
+    def model_view(self, model: dict[str, Any]) -> Path:
+        """A directory with the model's artifact files under their own names (hard links to
+        blobs), which the backend loaders need. Rebuilt from blobs whenever missing."""
+        view = self.view_dir / model["manifest_sha"]
+        if not view.is_dir():
+            tmp = Path(tempfile.mkdtemp(dir=self.tmp_dir, prefix="view-"))
+            for fname, sha in model["files"].items():
+                os.link(self.blob_path(sha), tmp / fname)
+            try:
+                os.replace(tmp, view)
+            except OSError:  # another thread built it first
+                for p in tmp.iterdir():
+                    p.unlink()
+                tmp.rmdir()
+        return view
+
+    # -- sessions ---------------------------------------------------------------------------
+    def add_session(self, sid: str, model: str, token_hash: str, keys: Blob) -> None:
+        now = time.time()
+        with self.lock:
+            self._db.execute(
+                "INSERT INTO sessions VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (sid, model, token_hash, keys.sha, keys.size, now, now),
+            )
+
+    def get_session(self, sid: str) -> dict[str, Any] | None:
+        with self.lock:
+            row = self._db.execute("SELECT * FROM sessions WHERE id = ?", (sid,)).fetchone()
+        return dict(row) if row else None
+
+    def touch_session(self, sid: str) -> None:
+        with self.lock:
+            self._db.execute("UPDATE sessions SET last_used = ? WHERE id = ?", (time.time(), sid))
+
+    def delete_session(self, sid: str) -> bool:
+        with self.lock:
+            cur = self._db.execute("DELETE FROM sessions WHERE id = ?", (sid,))
+            self.collect_garbage(min_age_s=0.0, candidates=self._orphans())
+            return cur.rowcount > 0
+
+    def count_sessions(self) -> int:
+        with self.lock:
+            return self._db.execute("SELECT COUNT(*) FROM sessions").fetchone()[0]
+
+    # -- jobs -------------------------------------------------------------------------------
+    def add_job(self, jid: str, session: str, items: int, input_sha: str) -> None:
+        with self.lock:
+            self._db.execute(
+                "INSERT INTO jobs (id, session, status, items, input_sha, created) VALUES (?, ?, 'queued', ?, ?, ?)",
+                (jid, session, items, input_sha, time.time()),
+            )
+
+    def get_job(self, jid: str) -> dict[str, Any] | None:
+        with self.lock:
+            row = self._db.execute(
+                "SELECT jobs.*, sessions.model AS model FROM jobs JOIN sessions ON sessions.id = jobs.session "
+                "WHERE jobs.id = ?",
+                (jid,),
+            ).fetchone()
+        return dict(row) if row else None
+
+    def set_job_status(self, jid: str, status: str, done: int | None = None) -> None:
+        with self.lock:
+            if done is None:
+                self._db.execute("UPDATE jobs SET status = ? WHERE id = ?", (status, jid))
+            else:
+                self._db.execute("UPDATE jobs SET status = ?, done = ? WHERE id = ?", (status, done, jid))
+
+    def finish_job(self, jid: str, result: bytes | None, error: str | None = None) -> None:
+        """Store the result blob and mark the job done (or failed); the input is dropped."""
+        with self.lock:
+            sha = self.put_bytes(result).sha if result is not None else None
+            self._db.execute(
+                "UPDATE jobs SET status = ?, done = CASE WHEN ? IS NULL THEN done ELSE items END, "
+                "result_sha = ?, error = ?, finished = ?, input_sha = NULL WHERE id = ?",
+                ("done" if error is None else "failed", sha, sha, error, time.time(), jid),
+            )
+            self.collect_garbage(min_age_s=0.0, candidates=self._orphans())
+
+    def mark_fetched(self, jid: str) -> None:
+        with self.lock:
+            self._db.execute("UPDATE jobs SET fetched = COALESCE(fetched, ?) WHERE id = ?", (time.time(), jid))
+
+    def delete_job(self, jid: str) -> bool:
+        with self.lock:
+            cur = self._db.execute("DELETE FROM jobs WHERE id = ?", (jid,))
+            self.collect_garbage(min_age_s=0.0, candidates=self._orphans())
+            return cur.rowcount > 0
+
+    def unfinished_jobs(self) -> list[dict[str, Any]]:
+        """Jobs acknowledged but not finished when the last process stopped, oldest first."""
+        with self.lock:
+            rows = self._db.execute(
+                "SELECT jobs.*, sessions.model AS model FROM jobs JOIN sessions ON sessions.id = jobs.session "
+                "WHERE status IN ('queued', 'running') ORDER BY created"
+            ).fetchall()
+        return [dict(r) for r in rows]
+
+    def expire(self, session_ttl_s: float, result_ttl_s: float, fetched_grace_s: float) -> list[str]:
+        """Remove idle sessions and old results; returns the ids of the sessions removed."""
+        now = time.time()
+        with self.lock:
+            gone = [
+                r[0]
+                for r in self._db.execute("SELECT id FROM sessions WHERE last_used < ?", (now - session_ttl_s,))
+            ]
+            self._db.executemany("DELETE FROM sessions WHERE id = ?", [(s,) for s in gone])
+            self._db.execute(
+                "DELETE FROM jobs WHERE (finished IS NOT NULL AND finished < ?) OR (fetched IS NOT NULL AND fetched < ?)",
+                (now - result_ttl_s, now - fetched_grace_s),
+            )
+            self.collect_garbage(min_age_s=0.0, candidates=self._orphans())
+            return gone
+
+    def _orphans(self) -> list[str]:
+        """Blob names present on disk, for the garbage check after a delete (cheap: one listing)."""
+        return [p.name for d in self.blob_dir.iterdir() if d.is_dir() for p in d.iterdir()]
+
+
+def _model_row(row: sqlite3.Row) -> dict[str, Any]:
+    d = dict(row)
+    d["files"] = json.loads(d["files"])
+    d["manifest"] = json.loads(d["manifest"])
+    return d
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def iter_file(path: Path, chunk: int = 1 << 20) -> Iterator[bytes]:
+    with open(path, "rb") as f:
+        while data := f.read(chunk):
+            yield data
