@@ -22,10 +22,10 @@ from starlette.concurrency import run_in_threadpool
 
 from gravel.errors import GravelError
 from gravel.protocol.manifest import CLIENT_FILES, MANIFEST, SERVER_FILES, file_sha256, load_manifest
-from gravel.service.state import ApiError, check_type, read_body, service_of
+from gravel.service.state import ERRORS, ApiError, check_type, read_body, service_of
 from gravel.service.store import Store
 
-router = APIRouter(prefix="/v1/models", tags=["models"])
+router = APIRouter(prefix="/v1/models", tags=["models"], responses=ERRORS)
 
 ARTIFACT_FILES = (MANIFEST, *CLIENT_FILES, *SERVER_FILES)
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -79,7 +79,9 @@ def list_models(request: Request) -> ModelList:
     openapi_extra={
         "requestBody": {
             "required": True,
-            "content": {"application/x-tar": {"schema": {"type": "string", "format": "binary"}}},
+            "content": {
+                media: {"schema": {"type": "string", "format": "binary"}} for media in TAR_TYPES
+            },
         }
     },
 )

@@ -20,9 +20,9 @@ from gravel.protocol.framing import HEADER_SIZE
 from gravel.server.runner import parse_blob
 from gravel.service.auth import hash_token, new_token
 from gravel.service.jobs import Job
-from gravel.service.state import ApiError, Service, check_type, read_body, service_of
+from gravel.service.state import ERRORS, ApiError, Service, check_type, read_body, service_of
 
-router = APIRouter(prefix="/v1", tags=["sessions"])
+router = APIRouter(prefix="/v1", tags=["sessions"], responses=ERRORS)
 
 OCTETS = "application/octet-stream"
 BINARY_BODY = {

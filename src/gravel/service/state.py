@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fastapi import HTTPException, Request
+from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
 from gravel.service.auth import bearer, hash_token, token_matches
@@ -18,9 +19,29 @@ from gravel.service.jobs import Job, JobRunner
 from gravel.service.metrics import Metrics
 from gravel.service.store import BlobWriter, Store, TooLarge
 
-__all__ = ["ApiError", "Service", "read_body", "service_of"]
+__all__ = ["ERRORS", "ApiError", "ErrorBody", "Service", "read_body", "service_of"]
 
 log = logging.getLogger("gravel.service")
+
+
+class ErrorBody(BaseModel):
+    detail: str
+
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorBody, "description": text}
+    for code, text in {
+        400: "Malformed, truncated or mismatched body (the message names the problem)",
+        401: "No bearer token",
+        403: "Wrong token for this resource",
+        404: "Unknown model, session or job",
+        405: "Method not allowed",
+        409: "Conflict: the resource is not in a state for this request",
+        413: "Body over the server's size limit",
+        415: "Wrong content type",
+        422: "Invalid parameters, or the inference failed",
+    }.items()
+}
 
 
 class ApiError(HTTPException):
