@@ -106,7 +106,8 @@ class RayEngine:
         self._inflight: dict[str, int] = {}
         self._sessions: dict[tuple[str, str], str] = {}
         self._cond = threading.Condition()
-        if not ray.is_initialized():
+        self._owns_ray = not ray.is_initialized()
+        if self._owns_ray:
             try:
                 ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False)
             except ConnectionError as exc:
@@ -176,9 +177,13 @@ class RayEngine:
             self._shutdown(model)
 
     def close(self) -> None:
+        import ray
+
         with self._cond:
             for m in list(self._executors):
                 self._shutdown(m)
+        if self._owns_ray:  # an embedded Ray's processes must not outlive the service
+            ray.shutdown()
 
 
 def make_engine(kind: str, ray_address: str | None = None, workers: int | None = None) -> Engine:
