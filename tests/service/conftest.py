@@ -2,72 +2,20 @@
 
 from __future__ import annotations
 
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
-import httpx
 import pytest
+
+from gravel.service.process import ServiceProcess
 
 ADMIN = "test-admin-token"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class ServerProcess:
-    """`gravel serve` on a free port; `restart()` keeps the data directory."""
+class ServerProcess(ServiceProcess):
+    """The service under test, with the admin token the tests use."""
 
     def __init__(self, data_dir: Path, executor: str = "local", env: dict[str, str] | None = None) -> None:
-        self.data_dir = data_dir
-        self.executor = executor
-        self.env = {**os.environ, "GRAVEL_ADMIN_TOKEN": ADMIN, "OMP_NUM_THREADS": "2", **(env or {})}
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = data_dir.parent / f"{data_dir.name}-server.log"
-        self.proc: subprocess.Popen | None = None
-
-    def start(self, timeout_s: float = 90.0) -> ServerProcess:
-        cmd = [sys.executable, "-m", "gravel.cli.main", "-q", "serve", "--port", str(self.port),
-               "--data-dir", str(self.data_dir), "--executor", self.executor]
-        self.proc = subprocess.Popen(cmd, env=self.env, stdout=open(self.log, "ab"), stderr=subprocess.STDOUT)
-        deadline = time.time() + timeout_s
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"gravel serve exited {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
-            try:
-                if httpx.get(self.url + "/v1/ready", timeout=2).status_code == 200:
-                    return self
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        self.stop()
-        raise RuntimeError(f"gravel serve did not become ready:\n{self.log.read_text()[-3000:]}")
-
-    def kill(self) -> None:
-        """SIGKILL: no shutdown code runs, as in a crash."""
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(10)
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.kill()
-
-    def restart(self, kill: bool = False) -> ServerProcess:
-        self.kill() if kill else self.stop()
-        return self.start()
+        super().__init__(data_dir, ADMIN, executor, {"OMP_NUM_THREADS": "2", **(env or {})})
 
 
 @pytest.fixture(scope="session")

@@ -270,32 +270,11 @@ def _bench_workers(args) -> None:
 
 
 def cmd_demo(args) -> None:
-    """The main job on embedded defaults: train, compile, keys, encrypt, run, decrypt."""
-    import tempfile
+    """The main job on embedded defaults, through a real server (see gravel.harness.demo)."""
+    from gravel.harness.demo import run_demo
 
-    from gravel.harness import bench
-    from gravel.model import Checkpoint, build_model, save_checkpoint, train
-
-    data = _data(args)
-    work = Path(args.workdir or tempfile.mkdtemp(prefix="gravel-demo-"))
-    t = time.perf_counter()
-    model, opts = build_model("mlp", data.image_shape, data.num_classes, hidden=[64, 32])
-    metrics = train(model, data, epochs=args.epochs, progress=not args.quiet)
-    ckpt = work / "model.pt"
-    save_checkpoint(Checkpoint("mlp", opts, data.image_shape, data.num_classes, data.name, model, metrics), ckpt)
-    print(f"[1/3] trained a 2-bit-input, 4-bit-weight MLP on {data.name} in {time.perf_counter() - t:.1f} s "
-          f"(test accuracy {metrics['test_accuracy']:.4f})")
-    t = time.perf_counter()
-    print(f"[2/3] compiling and running {args.samples} encrypted inferences ...")
-    # One process: one shard per stage, since every backend call pays a fixed key-conversion cost.
-    r = bench(ckpt, data, samples=args.samples, progress=not args.quiet, max_shards=1)
-    print(f"[3/3] done in {time.perf_counter() - t:.1f} s")
-    print(f"  accuracy: clear quantized {r['accuracy_clear']:.3f}, encrypted {r['accuracy_encrypted']:.3f}, "
-          f"agreement {r['agreement']:.3f} on {r['samples']} test images")
-    print(f"  timings: keygen {r['keygen_s']:.2f} s, encrypt {r['encrypt_s'] * 1000:.0f} ms, "
-          f"server {r['latency_s']:.2f} s, decrypt {r['decrypt_s'] * 1000:.1f} ms (medians)")
-    print(f"  sizes: evaluation keys {r['eval_key_bytes'] / 1e6:.1f} MB, input {r['input_ct_bytes'] / 1e3:.1f} kB, "
-          f"output {r['output_ct_bytes'] / 1e3:.1f} kB; {r['pbs_count']} table lookups")
+    run_demo(_data(args), samples=args.samples, epochs=args.epochs, workdir=args.workdir,
+             executor=args.executor, progress=not args.quiet)
 
 
 def cmd_serve(args) -> None:
@@ -473,6 +452,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", type=int, default=10)
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--workdir")
+    p.add_argument("--executor", choices=["ray", "local"], default="ray",
+                   help="where the server runs inferences (default: embedded Ray)")
     p.set_defaults(func=cmd_demo)
     return parser
 

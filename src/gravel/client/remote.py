@@ -201,11 +201,14 @@ class Session:
     def encrypt(self, x: Any) -> bytes:
         return self.model.encrypt(self.keys, as_image(x))
 
+    def infer(self, ciphertext: bytes) -> bytes:
+        """One round trip: an input ciphertext to the server, its output ciphertext back."""
+        return self.client.request("POST", f"/v1/sessions/{self.id}/infer", self.token,
+                                   content=ciphertext, headers=OCTETS).content
+
     def scores(self, x: Any) -> np.ndarray:
         """Dequantized class scores of one image, computed on the server under encryption."""
-        out = self.client.request("POST", f"/v1/sessions/{self.id}/infer", self.token,
-                                  content=self.encrypt(x), headers=OCTETS).content
-        return self.model.decrypt(self.keys, out)
+        return self.model.decrypt(self.keys, self.infer(self.encrypt(x)))
 
     def predict(self, x: Any) -> int:
         """The predicted class of one image (numpy array or PIL image)."""
