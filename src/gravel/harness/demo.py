@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from gravel.client import Client
-from gravel.compiler import compile_model, load_graph
+from gravel.compiler import QuantConfig, compile_model, load_graph
 from gravel.data import Dataset
 from gravel.harness.common import calib_images
 from gravel.model import Checkpoint, build_model, save_checkpoint, train
@@ -28,8 +28,8 @@ __all__ = ["run_demo", "small_artifact"]
 
 
 def small_artifact(data: Dataset, work: Path, hidden: tuple[int, ...] = (64, 32), epochs: int = 30,
-                   max_shards: int = 1, p_error: float | None = None, progress: bool = False,
-                   say=print) -> Manifest:
+                   max_shards: int = 1, p_error: float | None = None, rounding: str = "auto",
+                   progress: bool = False, say=print) -> Manifest:
     """Train a small QAT MLP and compile it: the model of the demo and the service benchmarks."""
     t = time.perf_counter()
     model, opts = build_model("mlp", data.image_shape, data.num_classes, hidden=list(hidden))
@@ -39,7 +39,8 @@ def small_artifact(data: Dataset, work: Path, hidden: tuple[int, ...] = (64, 32)
     say(f"[1/5] trained a 2-bit-input, 4-bit-weight MLP on {data.name} in {time.perf_counter() - t:.1f} s "
         f"(test accuracy {metrics['test_accuracy']:.4f})")
     t = time.perf_counter()
-    manifest = compile_model(ckpt, calib_images(data, 500), work / f"{data.name}.gravel", max_shards=max_shards,
+    manifest = compile_model(ckpt, calib_images(data, 500), work / f"{data.name}.gravel",
+                             QuantConfig(rounding=rounding), max_shards=max_shards,
                              name=data.name, overwrite=True, **({"p_error": p_error} if p_error else {}))
     say(f"[2/5] compiled to {manifest.data['stats']['pbs_count']} table lookups, up to {max_shards} shards per "
         f"layer, in {time.perf_counter() - t:.1f} s")

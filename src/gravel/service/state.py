@@ -12,7 +12,7 @@ from fastapi import HTTPException, Request
 from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
-from gravel.service.auth import bearer, hash_token, token_matches
+from gravel.service.auth import bearer, token_matches
 from gravel.service.config import ServiceConfig
 from gravel.service.engine import Engine
 from gravel.service.jobs import Job, JobRunner
