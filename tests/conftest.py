@@ -48,6 +48,18 @@ def digits_artifact(tmp_path_factory, digits, digits_checkpoint):
 
 
 @pytest.fixture(scope="session")
+def service_artifact(tmp_path_factory, digits, digits_checkpoint):
+    """The digits model with one shard per stage (and so a fused whole-network function):
+    what one process runs fastest; the service tests use it."""
+    from gravel.compiler import compile_model
+    from gravel.harness.common import calib_images
+
+    out = tmp_path_factory.mktemp("svc-art") / "digits.gravel"
+    compile_model(digits_checkpoint, calib_images(digits, 200), out, max_shards=1)
+    return out
+
+
+@pytest.fixture(scope="session")
 def client_keys(digits_artifact):
     from gravel.client import ClientModel
 

@@ -64,3 +64,24 @@ def test_truncated_or_garbage_payloads_get_clear_errors(client_keys, server, dig
     garbage = frame(Kind.INPUT_CIPHERTEXT, client.digest, np.random.default_rng(cut).bytes(cut))
     with pytest.raises(KeyMismatchError):
         server.load_input(garbage)
+
+
+def test_fused_function_reads_and_writes_the_stage_chain_ciphertexts(service_artifact, digits_artifact, digits):
+    from gravel.client import ClientModel
+
+    assert load_manifest(digits_artifact).data.get("fused") is None  # sharded plans keep the chain only
+    assert load_manifest(service_artifact).data["fused"] == {"function": "fused"}
+    client = ClientModel.load(service_artifact)
+    keys = client.keygen()
+    server = ServerModel.load(service_artifact)
+    ek = server.load_evaluation_keys(keys.evaluation_keys())
+    clear = load_graph(load_manifest(service_artifact)).predict(digits.x_test[:3])
+    for image, expected in zip(digits.x_test[:3], clear):
+        value = server.load_input(client.encrypt(keys, image))
+        fused, fused_trace = server.run(ek, value)
+        assert [t.stage for t in fused_trace] == ["fused"]
+        chain = ServerModel.load(service_artifact)
+        chain.fused = None
+        out, chain_trace = chain.run(ek, value)
+        assert len(chain_trace) == len(chain.manifest.plan) > 1
+        assert client.predict(keys, server.frame_output(fused)) == client.predict(keys, chain.frame_output(out)) == expected

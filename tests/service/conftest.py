@@ -18,17 +18,6 @@ class ServerProcess(ServiceProcess):
         super().__init__(data_dir, ADMIN, executor, {"OMP_NUM_THREADS": "2", **(env or {})})
 
 
-@pytest.fixture(scope="session")
-def service_artifact(tmp_path_factory, digits, digits_checkpoint):
-    """The digits model with one shard per stage: one process runs it, so fewer backend calls."""
-    from gravel.compiler import compile_model
-    from gravel.harness.common import calib_images
-
-    out = tmp_path_factory.mktemp("svc-art") / "digits.gravel"
-    compile_model(digits_checkpoint, calib_images(digits, 200), out, max_shards=1)
-    return out
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     srv = ServerProcess(tmp_path_factory.mktemp("svc") / "data",

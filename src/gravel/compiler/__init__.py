@@ -62,14 +62,21 @@ def compile_model(
     overwrite: bool = False,
     show_progress: bool = False,
     compress_keys: bool = True,
+    fused: bool | None = None,
 ) -> Manifest:
-    """Import, quantize (calibrating on `calib_x`), plan shards, compile and write the artifact."""
+    """Import, quantize (calibrating on `calib_x`), plan shards, compile and write the artifact.
+
+    `fused` (default: when every stage has one shard, i.e. a single-process plan) also
+    compiles the whole network as one function, which the server uses when it runs alone."""
     ops, info = load_model_ops(model)
     if name:
         info["name"] = name
     graph = quantize(ops, calib_x, config)
     plan = make_plan(graph, max_shards)
+    if fused is None:
+        fused = all(sp.shards == 1 for sp in plan.stages)
     module = compile_program(
-        graph, plan, calib_x, p_error=p_error, show_progress=show_progress, compress_keys=compress_keys
+        graph, plan, calib_x, p_error=p_error, show_progress=show_progress, compress_keys=compress_keys,
+        fused=fused,
     )
     return write_artifact(out, graph, plan, module, info, p_error, overwrite=overwrite)

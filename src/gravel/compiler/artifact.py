@@ -18,6 +18,7 @@ import numpy as np
 
 from gravel.compiler.graph import Activation, IntGraph, Stage
 from gravel.compiler.plan import ShardPlan
+from gravel.compiler.program import FUSED, fused_compatible
 from gravel.errors import ArtifactError
 from gravel.protocol.manifest import FORMAT_VERSION, Manifest, concrete_version, file_sha256, load_manifest
 
@@ -100,6 +101,8 @@ def write_artifact(
             },
             "files": files,
         }
+        if fused_compatible(module, graph):
+            manifest["fused"] = {"function": FUSED}
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
         if out.exists():
             old = out.with_name(out.name + ".old")

@@ -19,7 +19,10 @@ from gravel.compiler.graph import IntGraph, NumpyBackend, Stage, stage_forward
 from gravel.compiler.plan import ShardPlan, shard_weights
 from gravel.errors import ModelError
 
-__all__ = ["DEFAULT_P_ERROR", "TraceBackend", "compile_program", "inputsets"]
+__all__ = ["DEFAULT_P_ERROR", "FUSED", "TraceBackend", "compile_program", "fused_compatible", "inputsets"]
+
+# Name of the optional whole-network function (see compile_program's `fused`).
+FUSED = "fused"
 
 # Probability of error per table lookup. Approximate rounding already allows off-by-one
 # results; 1e-2 keeps parameters small and measured agreement with the clear model high.
@@ -81,6 +84,42 @@ def _stage_function(stage: Stage, in_parts: int) -> Callable[..., Any]:
     return fn
 
 
+def _fused_function(graph: IntGraph) -> Callable[..., Any]:
+    """All stages in one function: x, then each stage's full weights and bias (clear)."""
+    n = len(graph.stages)
+    names = ["x"] + [f"{k}{i}" for i in range(n) for k in ("w", "b")]
+    backend = TraceBackend()
+
+    def fn(**kw):
+        h = kw["x"]
+        for i, stage in enumerate(graph.stages):
+            h = stage_forward(stage, [h], kw[f"w{i}"], kw[f"b{i}"], backend)
+        return h
+
+    fn.__name__ = FUSED
+    fn.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+        [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD) for n in names]
+    )
+    return fn
+
+
+def fused_compatible(module: Any, graph: IntGraph) -> bool:
+    """Whether a ciphertext encrypted for the first stage is a valid input of the fused
+    function, and its output decrypts as the last stage's: same key, shape and encoding.
+    Checked on the compiled client spec, so the client never needs to know which ran."""
+    import json
+
+    circuits = {c["name"]: c for c in json.loads(module.client.specs.serialize())["circuits"]}
+    if FUSED not in circuits:
+        return False
+    first, last = circuits[graph.stages[0].name], circuits[graph.stages[-1].name]
+    fused = circuits[FUSED]
+    return (
+        fused["inputs"][0]["typeInfo"] == first["inputs"][0]["typeInfo"]
+        and fused["outputs"][0]["typeInfo"] == last["outputs"][0]["typeInfo"]
+    )
+
+
 def inputsets(graph: IntGraph, plan: ShardPlan, calib_x: np.ndarray) -> dict[str, list[tuple]]:
     """Per function, (parts..., w, b) samples covering every shard; concrete measures bounds on them."""
     h = graph.quantize_input(calib_x)
@@ -97,6 +136,11 @@ def inputsets(graph: IntGraph, plan: ShardPlan, calib_x: np.ndarray) -> dict[str
     return sets
 
 
+def fused_inputset(graph: IntGraph, calib_x: np.ndarray) -> list[tuple]:
+    weights = tuple(a for stage in graph.stages for a in (stage.weight_matrix(), stage.bias))
+    return [(x,) + weights for x in graph.quantize_input(calib_x)]
+
+
 def compile_program(
     graph: IntGraph,
     plan: ShardPlan,
@@ -105,8 +149,13 @@ def compile_program(
     simulation: bool = False,
     show_progress: bool = False,
     compress_keys: bool = True,
+    fused: bool = False,
 ):
-    """Compile to a concrete `fhe` module (real or simulated); bounds come from `calib_x`."""
+    """Compile to a concrete `fhe` module (real or simulated); bounds come from `calib_x`.
+
+    `fused` adds one more function that runs the whole network in a single backend call. Every
+    `Server.run` converts all bootstrap keys to the Fourier domain first (~0.1-0.2 s), so one
+    process evaluating a one-shard-per-stage plan saves that cost once per stage but one."""
     from concrete import fhe
 
     attrs: dict[str, Any] = {}
@@ -119,6 +168,10 @@ def compile_program(
     for prev, (stage, sp) in zip(graph.stages, list(zip(graph.stages, plan.stages))[1:]):
         for k in range(sp.in_parts):
             wires.append(fhe.Wire(fhe.Output(functions[prev.name], 0), fhe.Input(functions[stage.name], k)))
+    if fused:
+        attrs[FUSED] = fhe.function({"x": "encrypted"} | {
+            f"{k}{i}": "clear" for i in range(len(graph.stages)) for k in ("w", "b")
+        })(_fused_function(graph))
     attrs["composition"] = fhe.Wired(set(wires))
     module = fhe.module()(type("GravelProgram", (), attrs))
     config = fhe.Configuration(
@@ -131,6 +184,9 @@ def compile_program(
         show_progress=show_progress,
     )
     try:
-        return module.compile(inputsets(graph, plan, calib_x), config)
+        sets = inputsets(graph, plan, calib_x)
+        if fused:
+            sets[FUSED] = fused_inputset(graph, calib_x)
+        return module.compile(sets, config)
     except RuntimeError as exc:
         raise ModelError(f"concrete could not compile the program: {exc}") from exc
