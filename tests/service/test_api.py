@@ -52,7 +52,8 @@ def test_two_sessions_predict_what_the_clear_model_predicts(two_sessions, digits
     assert a.id != b.id
     x = digits.x_test[:3]
     assert [a.predict(img) for img in x] == expected(x)
-    assert b.predict_batch(x) == expected(x)
+    assert b.predict_batch(x) == expected(x)  # a job
+    assert b.predict_many(x) == expected(x)  # one waiting request
 
 
 def test_pil_image_and_numpy_uint8(two_sessions, digits, expected):

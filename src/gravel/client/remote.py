@@ -214,6 +214,12 @@ class Session:
         """The predicted class of one image (numpy array or PIL image)."""
         return int(np.argmax(self.scores(x)))
 
+    def predict_many(self, images: Sequence[Any]) -> list[int]:
+        """Several images in one request that waits for all of them (not kept by the server;
+        for long batches prefer `predict_batch`, a job that survives a server restart)."""
+        out = self.infer(pack_batch([self.encrypt(x) for x in images]))
+        return [int(np.argmax(self.model.decrypt(self.keys, o))) for o in unpack_batch(out, "result batch")]
+
     def submit(self, images: Sequence[Any]) -> str:
         """Queue a batch job; returns its id. The server keeps it across restarts."""
         body = pack_batch([self.encrypt(x) for x in images])

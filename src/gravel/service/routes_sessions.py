@@ -111,8 +111,9 @@ def close_session(sid: str, request: Request) -> Response:
 
 @router.post(
     "/sessions/{sid}/infer",
-    summary="One encrypted inference: input ciphertext in, output ciphertext out",
-    description="Waits for the result. For batches or long models use POST /v1/sessions/{sid}/jobs.",
+    summary="Encrypted inference: input ciphertext in, output ciphertext out (or a batch in, a batch out)",
+    description="Waits for the result and keeps nothing. For long work that must survive a server "
+    "restart, use POST /v1/sessions/{sid}/jobs.",
     openapi_extra=BINARY_BODY,
     responses=BINARY_ANSWER,
     response_class=Response,
@@ -122,9 +123,14 @@ async def infer(sid: str, request: Request) -> Response:
     session = svc.session_for(request, sid)
     check_type(request, OCTETS)
     data = await _small_body(request, svc, "input ciphertext")
+    batch = is_batch(data)
+    try:
+        items = unpack_batch(data, "input batch") if batch else [data]
+    except KeyMismatchError as exc:
+        raise ApiError(400, str(exc)) from None
     model = svc.model_row(session["model"])
-    await run_in_threadpool(_check_inputs, [data], bytes.fromhex(model["digest"]))
-    job = _job(svc, session, model, [data], persisted=False, batch=False)
+    await run_in_threadpool(_check_inputs, items, bytes.fromhex(model["digest"]))
+    job = _job(svc, session, model, items, persisted=False, batch=batch)
     loop = asyncio.get_running_loop()
     done = loop.create_future()
     job.notify = lambda: loop.call_soon_threadsafe(lambda: done.done() or done.set_result(None))
