@@ -52,7 +52,8 @@ def main() -> None:
 
     data = load_dataset("digits")
     work = Path(tempfile.mkdtemp(prefix="gravel-crash-"))
-    manifest = small_artifact(data, work, hidden=(16,), p_error=1e-4, say=lambda s: print(s, file=sys.stderr))
+    manifest = small_artifact(data, work, hidden=(16,), p_error=1e-4, rounding="exact",
+                              say=lambda s: print(s, file=sys.stderr))
     clear = load_graph(manifest).predict(data.x_test[:20])
     server = ServiceProcess(work / "data", "bench-admin").start()
     report: dict = {}

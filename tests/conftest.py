@@ -51,11 +51,14 @@ def digits_artifact(tmp_path_factory, digits, digits_checkpoint):
 def service_artifact(tmp_path_factory, digits, digits_checkpoint):
     """The digits model with one shard per stage (and so a fused whole-network function):
     what one process runs fastest; the service tests use it."""
-    from gravel.compiler import compile_model
+    from gravel.compiler import QuantConfig, compile_model
     from gravel.harness.common import calib_images
 
+    # Exact rounding and a low error probability: the service tests compare every encrypted
+    # prediction with the clear model's, and approximate rounding flips ~1 prediction in 80.
     out = tmp_path_factory.mktemp("svc-art") / "digits.gravel"
-    compile_model(digits_checkpoint, calib_images(digits, 200), out, max_shards=1)
+    compile_model(digits_checkpoint, calib_images(digits, 200), out, QuantConfig(rounding="exact"),
+                  p_error=1e-4, max_shards=1)
     return out
 
 
