@@ -49,14 +49,14 @@ class ServerModel:
         with np.load(manifest.path("weights.npz"), allow_pickle=False) as npz:
             arrays = {k: npz[k] for k in npz.files}
         # Per stage, the clear arguments of every shard, contiguous (concrete misreads views).
+        prepare = _ClearArgs(self._server)
         self.shards: list[list[tuple]] = []
         for row in manifest.plan:
             w, b = arrays[f"{row['name']}.w"], arrays[f"{row['name']}.b"]
             size, parts = row["shard_size"], row["in_parts"]
             self.shards.append(
                 [
-                    _prepared_clear_args(
-                        self._server,
+                    prepare(
                         row["name"],
                         (parts, parts + 1),
                         (w[:, j * size : (j + 1) * size], b[j * size : (j + 1) * size]),
@@ -71,8 +71,8 @@ class ServerModel:
         self.fused_args = ()
         if self.fused:
             names = [row["name"] for row in manifest.plan]
-            self.fused_args = _prepared_clear_args(
-                self._server, self.fused, tuple(range(1, 2 * len(names) + 1)),
+            self.fused_args = prepare(
+                self.fused, tuple(range(1, 2 * len(names) + 1)),
                 tuple(arrays[f"{n}.{k}"] for n in names for k in ("w", "b")),
             )
 
@@ -126,15 +126,25 @@ class ServerModel:
         return self.frame_output(out), trace
 
 
-def _prepared_clear_args(server, function: str, positions: tuple[int, ...], arrays: tuple[np.ndarray, ...]):
-    """Wrap clear arguments as backend Values once, instead of on every `Server.run` call
-    (which builds a simulated client program each time it meets a raw array: ~100 ms)."""
-    from concrete import fhe
-    from concrete.compiler import ClientProgram
-    from concrete.compiler import Value as RawValue
+class _ClearArgs:
+    """Wraps clear arguments as backend Values once, instead of on every `Server.run` call
+    (which builds a simulated client program each time it meets a raw array: ~100 ms). One
+    simulated program serves every function and shard (building one takes ~12 ms)."""
 
-    circuit = ClientProgram.create_simulated(server.client_specs.program_info).get_client_circuit(function)
-    return tuple(
-        fhe.Value(circuit.simulate_prepare_input(RawValue(np.ascontiguousarray(a, dtype=np.int64)), pos))
-        for pos, a in zip(positions, arrays)
-    )
+    def __init__(self, server) -> None:
+        from concrete.compiler import ClientProgram
+
+        self._program = ClientProgram.create_simulated(server.client_specs.program_info)
+        self._circuits: dict[str, object] = {}
+
+    def __call__(self, function: str, positions: tuple[int, ...], arrays: tuple[np.ndarray, ...]) -> tuple:
+        from concrete import fhe
+        from concrete.compiler import Value as RawValue
+
+        if function not in self._circuits:
+            self._circuits[function] = self._program.get_client_circuit(function)
+        circuit = self._circuits[function]
+        return tuple(
+            fhe.Value(circuit.simulate_prepare_input(RawValue(np.ascontiguousarray(a, dtype=np.int64)), pos))
+            for pos, a in zip(positions, arrays)
+        )
