@@ -19,7 +19,7 @@ import numpy as np
 from gravel.client.cache import ModelCache, default_cache_dir
 from gravel.client.model import ClientModel, SecretKeys
 from gravel.errors import ServiceError
-from gravel.protocol import pack_batch, unpack_batch
+from gravel.protocol import is_batch, pack_batch, unpack_batch
 from gravel.protocol.manifest import CLIENT_FILES, MANIFEST, SERVER_FILES, load_manifest
 
 __all__ = ["Client", "Session", "as_image"]
@@ -57,6 +57,12 @@ def artifact_archive(artifact: str | Path) -> bytes:
         for name in (MANIFEST, *CLIENT_FILES, *SERVER_FILES):
             tar.add(manifest.path(name), arcname=f"{manifest.name}.gravel/{name}")
     return buf.getvalue()
+
+
+def decrypt_all(model: ClientModel, keys: SecretKeys, data: bytes) -> list[np.ndarray]:
+    """Class scores of every output in a server answer: one ciphertext, or a batch of them."""
+    items = unpack_batch(data, "result batch") if is_batch(data) else [data]
+    return [model.decrypt(keys, item) for item in items]
 
 
 def chunks(data: bytes, bar) -> Iterator[bytes]:
@@ -218,7 +224,7 @@ class Session:
         """Several images in one request that waits for all of them (not kept by the server;
         for long batches prefer `predict_batch`, a job that survives a server restart)."""
         out = self.infer(pack_batch([self.encrypt(x) for x in images]))
-        return [int(np.argmax(self.model.decrypt(self.keys, o))) for o in unpack_batch(out, "result batch")]
+        return [int(np.argmax(s)) for s in decrypt_all(self.model, self.keys, out)]
 
     def submit(self, images: Sequence[Any]) -> str:
         """Queue a batch job; returns its id. The server keeps it across restarts."""
@@ -245,8 +251,7 @@ class Session:
             bar.close()
         data = self.client.request("GET", f"/v1/jobs/{job}/result", self.token).content
         self.client.request("DELETE", f"/v1/jobs/{job}", self.token)
-        items = unpack_batch(data, "job result") if data[:4] == b"GRVB" else [data]
-        return [self.model.decrypt(self.keys, item) for item in items]
+        return decrypt_all(self.model, self.keys, data)
 
     def predict_batch(self, images: Sequence[Any]) -> list[int]:
         """Several images as one job, with progress; returns their predicted classes."""

@@ -13,9 +13,9 @@ import numpy as np
 
 from gravel.client.cache import ModelCache, default_cache_dir
 from gravel.client.model import ClientModel, SecretKeys
-from gravel.client.remote import OCTETS, as_image, check, progress_bar
+from gravel.client.remote import OCTETS, as_image, check, decrypt_all, progress_bar
 from gravel.errors import ServiceError
-from gravel.protocol import pack_batch, unpack_batch
+from gravel.protocol import pack_batch
 
 __all__ = ["AsyncClient", "AsyncSession"]
 
@@ -118,8 +118,7 @@ class AsyncSession:
             await asyncio.sleep(poll_s)
         data = (await self.client.request("GET", f"/v1/jobs/{job}/result", self.token)).content
         await self.client.request("DELETE", f"/v1/jobs/{job}", self.token)
-        items = unpack_batch(data, "job result") if data[:4] == b"GRVB" else [data]
-        outs = [await asyncio.to_thread(self.model.decrypt, self.keys, item) for item in items]
+        outs = await asyncio.to_thread(decrypt_all, self.model, self.keys, data)
         return [int(np.argmax(s)) for s in outs]
 
     async def close(self) -> None:
