@@ -49,7 +49,12 @@ def unframe(data: bytes, kind: Kind, digest: bytes, what: str = "input") -> byte
     except ValueError:
         raise KeyMismatchError(f"{what}: unknown blob kind {data[5]}") from None
     if found != kind:
-        raise KeyMismatchError(f"{what}: expected {kind.label}, got {found.label}")
+        hint = (
+            ": a SECRET key set must never be sent; send the evaluation keys (SecretKeys.evaluation_keys())"
+            if found == Kind.SECRET_KEYS
+            else ""
+        )
+        raise KeyMismatchError(f"{what}: expected {kind.label}, got {found.label}{hint}")
     if data[6:HEADER_SIZE] != digest:
         raise KeyMismatchError(
             f"{what}: {found.label} made for another model (program {data[6:14].hex()}..., "

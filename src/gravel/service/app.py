@@ -29,7 +29,7 @@ from gravel.service import routes_models, routes_sessions
 from gravel.service.auth import hash_token, new_token
 from gravel.service.config import ServiceConfig
 from gravel.service.engine import make_engine
-from gravel.service.jobs import Job, JobRunner
+from gravel.service.jobs import JobRunner
 from gravel.service.metrics import Metrics
 from gravel.service.state import Service, service_of
 from gravel.service.store import Store
@@ -73,15 +73,9 @@ def _recover(svc: Service) -> int:
     for row in jobs:
         data = svc.store.read_blob(row["input_sha"])
         batch = is_batch(data)
-        session = svc.store.get_session(row["session"])
-        model = svc.store.get_model(row["model"])
-        svc.runner.submit(
-            Job(
-                id=row["id"], session=row["session"], model=row["model"], artifact=svc.store.model_view(model),
-                keys_sha=session["keys_sha"], items=unpack_batch(data) if batch else [data], persisted=True,
-                batch=batch,
-            )
-        )
+        items = unpack_batch(data) if batch else [data]
+        session, model = svc.store.get_session(row["session"]), svc.store.get_model(row["model"])
+        svc.runner.submit(svc.make_job(session, model, items, persisted=True, batch=batch, jid=row["id"]))
     return len(jobs)
 
 

@@ -13,7 +13,7 @@ import logging
 import queue
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -43,7 +43,6 @@ class Job:
     result: bytes | None = None
     error: str | None = None
     compute_s: float = 0.0
-    finished: threading.Event = field(default_factory=threading.Event)
     notify: Callable[[], None] | None = None  # called from the worker thread when finished
 
     @property
@@ -98,7 +97,6 @@ class JobRunner:
                 with self._lock:
                     self.running -= 1
                     self._jobs.pop(job.id, None)
-                job.finished.set()
                 if job.notify is not None:
                     job.notify()
                 if self._on_finish is not None:

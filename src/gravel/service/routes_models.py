@@ -161,7 +161,9 @@ def _ingest(store: Store, archive: Path) -> tuple[dict[str, Any], bool]:
             raise ApiError(400, f"artifact rejected: {exc}") from None
         except Exception as exc:  # noqa: BLE001 - the backend's loader on a damaged program
             raise ApiError(400, f"artifact rejected: its server program does not load ({exc})") from None
-        files = {f: file_sha256(work / f) for f in ARTIFACT_FILES}
+        # load_manifest has checked the other files against the hashes the manifest lists.
+        files = {f: manifest.data["files"][f] for f in (*CLIENT_FILES, *SERVER_FILES)}
+        files[MANIFEST] = file_sha256(work / MANIFEST)
         with store.lock:
             existing = store.get_model(name)
             if existing is not None:

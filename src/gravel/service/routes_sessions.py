@@ -16,10 +16,8 @@ from starlette.concurrency import run_in_threadpool
 
 from gravel.errors import KeyMismatchError
 from gravel.protocol import Kind, is_batch, unpack_batch
-from gravel.protocol.framing import HEADER_SIZE
 from gravel.server.runner import parse_blob
 from gravel.service.auth import hash_token, new_token
-from gravel.service.jobs import Job
 from gravel.service.state import ERRORS, ApiError, Service, check_type, read_body, service_of
 
 router = APIRouter(prefix="/v1", tags=["sessions"], responses=ERRORS)
@@ -72,19 +70,17 @@ async def open_session(name: str, request: Request) -> SessionCreated:
     check_type(request, OCTETS)
     upload = await read_body(request, svc.store, svc.config.max_key_bytes, "evaluation keys")
     try:
-        _refuse_secret(upload.head)
         digest = bytes.fromhex(model["digest"])
         try:
             await run_in_threadpool(lambda: parse_blob(upload.read(), Kind.EVALUATION_KEYS, digest))
         except KeyMismatchError as exc:
             raise ApiError(400, str(exc)) from None
-        blob = upload.blob
         sid, token = "s_" + secrets.token_hex(16), new_token()
         with svc.store.lock:
             if svc.store.get_model(name) is None:
                 raise ApiError(404, f"model {name!r} was deleted during the upload")
-            svc.store.adopt(upload, blob)
-            svc.store.add_session(sid, name, hash_token(token), blob)
+            svc.store.adopt(upload)
+            svc.store.add_session(sid, name, hash_token(token), upload.blob)
     finally:
         upload.discard()
     svc.metrics.sessions.set(svc.store.count_sessions())
@@ -123,14 +119,8 @@ async def infer(sid: str, request: Request) -> Response:
     session = svc.session_for(request, sid)
     check_type(request, OCTETS)
     data = await _small_body(request, svc, "input ciphertext")
-    batch = is_batch(data)
-    try:
-        items = unpack_batch(data, "input batch") if batch else [data]
-    except KeyMismatchError as exc:
-        raise ApiError(400, str(exc)) from None
-    model = svc.model_row(session["model"])
-    await run_in_threadpool(_check_inputs, items, bytes.fromhex(model["digest"]))
-    job = _job(svc, session, model, items, persisted=False, batch=batch)
+    model, items, batch = await _parse_inputs(svc, session, data, "input batch")
+    job = svc.make_job(session, model, items, persisted=False, batch=batch)
     loop = asyncio.get_running_loop()
     done = loop.create_future()
     job.notify = lambda: loop.call_soon_threadsafe(lambda: done.done() or done.set_result(None))
@@ -156,18 +146,11 @@ async def submit_job(sid: str, request: Request) -> JobInfo:
     upload = await read_body(request, svc.store, svc.config.max_input_bytes, "job input")
     try:
         data = await run_in_threadpool(upload.read)
-        batch = is_batch(data)
-        try:
-            items = unpack_batch(data, "job input") if batch else [data]
-        except KeyMismatchError as exc:
-            raise ApiError(400, str(exc)) from None
-        model = svc.model_row(session["model"])
-        await run_in_threadpool(_check_inputs, items, bytes.fromhex(model["digest"]))
-        blob = upload.blob
-        job = _job(svc, session, model, items, persisted=True, batch=batch)
+        model, items, batch = await _parse_inputs(svc, session, data, "job input")
+        job = svc.make_job(session, model, items, persisted=True, batch=batch)
         with svc.store.lock:
-            svc.store.adopt(upload, blob)
-            svc.store.add_job(job.id, sid, len(items), blob.sha)
+            svc.store.adopt(upload)
+            svc.store.add_job(job.id, sid, len(items), upload.blob.sha)
     finally:
         upload.discard()
     svc.runner.submit(job)
@@ -210,12 +193,6 @@ def delete_job(jid: str, request: Request) -> Response:
 
 
 # -- helpers -----------------------------------------------------------------------------------
-def _refuse_secret(head: bytes) -> None:
-    if len(head) >= HEADER_SIZE and head[:4] == b"GRVL" and head[5] == Kind.SECRET_KEYS:
-        raise ApiError(400, "this body is a SECRET key set: never send it; upload the evaluation keys "
-                            "(SecretKeys.evaluation_keys()) instead")
-
-
 async def _small_body(request: Request, svc: Service, what: str) -> bytes:
     upload = await read_body(request, svc.store, svc.config.max_input_bytes, what)
     try:
@@ -224,28 +201,27 @@ async def _small_body(request: Request, svc: Service, what: str) -> bytes:
         upload.discard()
 
 
-def _check_inputs(items: list[bytes], digest: bytes) -> None:
-    for i, item in enumerate(items):
-        if item[:4] == b"GRVL" and len(item) > 5 and item[5] == Kind.SECRET_KEYS:
-            raise ApiError(400, "this body is a SECRET key set, not a ciphertext: never send it")
-        try:
-            parse_blob(item, Kind.INPUT_CIPHERTEXT, digest)
-        except KeyMismatchError as exc:
-            where = f"item {i}: " if len(items) > 1 else ""
-            raise ApiError(400, f"{where}{exc}") from None
+async def _parse_inputs(svc: Service, session: dict, data: bytes, what: str) -> tuple[dict, list[bytes], bool]:
+    """The session's model, and the body's input ciphertexts (one, or a batch), each checked
+    (frame, program digest, the backend's deserializer) before anything is queued."""
+    batch = is_batch(data)
+    try:
+        items = unpack_batch(data, what) if batch else [data]
+    except KeyMismatchError as exc:
+        raise ApiError(400, str(exc)) from None
+    model = svc.model_row(session["model"])
+    digest = bytes.fromhex(model["digest"])
 
+    def check() -> None:
+        for i, item in enumerate(items):
+            try:
+                parse_blob(item, Kind.INPUT_CIPHERTEXT, digest)
+            except KeyMismatchError as exc:
+                where = f"item {i}: " if len(items) > 1 else ""
+                raise ApiError(400, f"{where}{exc}") from None
 
-def _job(svc: Service, session: dict, model: dict, items: list[bytes], persisted: bool, batch: bool) -> Job:
-    return Job(
-        id="j_" + secrets.token_hex(16),
-        session=session["id"],
-        model=model["name"],
-        artifact=svc.store.model_view(model),
-        keys_sha=session["keys_sha"],
-        items=items,
-        persisted=persisted,
-        batch=batch,
-    )
+    await run_in_threadpool(check)
+    return model, items, batch
 
 
 def _job_row(svc: Service, request: Request, jid: str) -> dict:

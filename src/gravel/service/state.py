@@ -4,6 +4,7 @@ size-limited streaming of request bodies, and errors that become 4xx JSON answer
 from __future__ import annotations
 
 import logging
+import secrets
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -90,6 +91,20 @@ class Service:
         if model is None:
             raise ApiError(404, f"unknown model {name!r}; GET /v1/models lists the deployed ones")
         return model
+
+    def make_job(self, session: dict[str, Any], model: dict[str, Any], items: list[bytes], persisted: bool,
+                 batch: bool, jid: str | None = None) -> Job:
+        """A job for the runner; `jid` is given when a stored job is re-queued after a restart."""
+        return Job(
+            id=jid or "j_" + secrets.token_hex(16),
+            session=session["id"],
+            model=model["name"],
+            artifact=self.store.model_view(model),
+            keys_sha=session["keys_sha"],
+            items=items,
+            persisted=persisted,
+            batch=batch,
+        )
 
     def finish(self, job: Job) -> None:
         self.metrics.jobs.labels(job.status).inc()

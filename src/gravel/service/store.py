@@ -22,7 +22,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 __all__ = ["BlobWriter", "Store", "TooLarge"]
 
@@ -85,34 +85,24 @@ class BlobWriter:
     """Receives a body chunk by chunk into a temporary file, hashing and counting as it goes."""
 
     def __init__(self, store: Store, limit: int) -> None:
-        self._store = store
         self.limit = limit
         fd, name = tempfile.mkstemp(dir=store.tmp_dir, prefix="upload-")
         self._file = os.fdopen(fd, "wb")
         self.path = Path(name)
         self._hash = hashlib.sha256()
         self.size = 0
-        self._head = b""
         self.blob: Blob | None = None
 
     def write(self, chunk: bytes) -> None:
         self.size += len(chunk)
         if self.size > self.limit:
             raise TooLarge(self.limit)
-        if len(self._head) < 64:
-            self._head += chunk[: 64 - len(self._head)]
         self._hash.update(chunk)
         self._file.write(chunk)
 
-    @property
-    def head(self) -> bytes:
-        """The first bytes, enough to check a blob's frame before reading it all."""
-        return self._head
-
     def finish(self) -> Blob:
-        """Flush and fsync; the file stays in tmp/ until `Store.adopt` moves it into blobs/."""
-        self._file.flush()
-        os.fsync(self._file.fileno())
+        """Close the file; it stays in tmp/ until `Store.adopt` makes it durable in blobs/
+        (a body that is only read, like a synchronous inference's input, is never fsynced)."""
         self._file.close()
         self.blob = Blob(self._hash.hexdigest(), self.size)
         return self.blob
@@ -143,7 +133,7 @@ class Store:
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute("PRAGMA foreign_keys=ON")
         self._db.executescript(SCHEMA)
-        self.collect_garbage(min_age_s=0.0)
+        self.collect_garbage()
 
     def close(self) -> None:
         with self.lock:
@@ -160,15 +150,17 @@ class Store:
     def writer(self, limit: int) -> BlobWriter:
         return BlobWriter(self, limit)
 
-    def adopt(self, writer: BlobWriter, blob: Blob) -> None:
-        """Move a finished upload into blobs/ under its hash (call with `lock` held)."""
-        target = self.blob_path(blob.sha)
+    def adopt(self, writer: BlobWriter) -> None:
+        """Make a finished upload durable in blobs/ under its hash: fsync, rename, fsync the
+        directory (call with `lock` held, then reference it in a row)."""
+        target = self.blob_path(writer.blob.sha)
         target.parent.mkdir(exist_ok=True)
         if target.exists():
             writer.discard()
         else:
+            _fsync(writer.path)
             os.replace(writer.path, target)
-            _fsync_dir(target.parent)
+            _fsync(target.parent)
 
     def put_bytes(self, data: bytes) -> Blob:
         """Write bytes as a blob (call with `lock` held, then reference it in a row)."""
@@ -185,7 +177,7 @@ class Store:
             for chunk in chunks:
                 w.write(chunk)
             blob = w.finish()
-            self.adopt(w, blob)
+            self.adopt(w)
             return blob
         except BaseException:
             w.discard()
@@ -194,23 +186,17 @@ class Store:
     def read_blob(self, sha: str) -> bytes:
         return self.blob_path(sha).read_bytes()
 
-    def collect_garbage(self, min_age_s: float = 600.0, candidates: list[str] | None = None) -> int:
-        """Unlink blobs no row references (older than `min_age_s`, to spare fresh uploads)."""
+    def collect_garbage(self) -> int:
+        """Unlink blobs no row references. Safe at any time: every adopt-and-insert holds the
+        same lock, so no blob is ever in blobs/ and about to be referenced."""
         with self.lock:
             used = self._referenced()
-            paths = (
-                [self.blob_path(s) for s in candidates]
-                if candidates is not None
-                else [p for d in self.blob_dir.iterdir() if d.is_dir() for p in d.iterdir()]
-            )
-            now, removed = time.time(), 0
-            for p in paths:
-                try:
-                    if p.name not in used and now - p.stat().st_mtime >= min_age_s:
-                        p.unlink()
+            removed = 0
+            for d in self.blob_dir.iterdir():
+                for p in d.iterdir() if d.is_dir() else ():
+                    if p.name not in used:
+                        p.unlink(missing_ok=True)
                         removed += 1
-                except FileNotFoundError:
-                    pass
             return removed
 
     def _referenced(self) -> set[str]:
@@ -247,7 +233,7 @@ class Store:
                 return []
             sessions = [r[0] for r in self._db.execute("SELECT id FROM sessions WHERE model = ?", (name,))]
             self._db.execute("DELETE FROM models WHERE name = ?", (name,))
-            self.collect_garbage(min_age_s=0.0, candidates=self._orphans())
+            self.collect_garbage()
             shutil.rmtree(self.view_dir / model["manifest_sha"], ignore_errors=True)
             return sessions
 
@@ -288,7 +274,7 @@ class Store:
     def delete_session(self, sid: str) -> bool:
         with self.lock:
             cur = self._db.execute("DELETE FROM sessions WHERE id = ?", (sid,))
-            self.collect_garbage(min_age_s=0.0, candidates=self._orphans())
+            self.collect_garbage()
             return cur.rowcount > 0
 
     def count_sessions(self) -> int:
@@ -328,7 +314,7 @@ class Store:
                 "result_sha = ?, error = ?, finished = ?, input_sha = NULL WHERE id = ?",
                 ("done" if error is None else "failed", sha, sha, error, time.time(), jid),
             )
-            self.collect_garbage(min_age_s=0.0, candidates=self._orphans())
+            self.collect_garbage()
 
     def mark_fetched(self, jid: str) -> None:
         with self.lock:
@@ -337,7 +323,7 @@ class Store:
     def delete_job(self, jid: str) -> bool:
         with self.lock:
             cur = self._db.execute("DELETE FROM jobs WHERE id = ?", (jid,))
-            self.collect_garbage(min_age_s=0.0, candidates=self._orphans())
+            self.collect_garbage()
             return cur.rowcount > 0
 
     def unfinished_jobs(self) -> list[dict[str, Any]]:
@@ -362,12 +348,8 @@ class Store:
                 "DELETE FROM jobs WHERE (finished IS NOT NULL AND finished < ?) OR (fetched IS NOT NULL AND fetched < ?)",
                 (now - result_ttl_s, now - fetched_grace_s),
             )
-            self.collect_garbage(min_age_s=0.0, candidates=self._orphans())
+            self.collect_garbage()
             return gone
-
-    def _orphans(self) -> list[str]:
-        """Blob names present on disk, for the garbage check after a delete (cheap: one listing)."""
-        return [p.name for d in self.blob_dir.iterdir() if d.is_dir() for p in d.iterdir()]
 
 
 def _model_row(row: sqlite3.Row) -> dict[str, Any]:
@@ -377,15 +359,9 @@ def _model_row(row: sqlite3.Row) -> dict[str, Any]:
     return d
 
 
-def _fsync_dir(path: Path) -> None:
+def _fsync(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def iter_file(path: Path, chunk: int = 1 << 20) -> Iterator[bytes]:
-    with open(path, "rb") as f:
-        while data := f.read(chunk):
-            yield data
