@@ -22,7 +22,7 @@ def _ints(text: str) -> list[int]:
 
 def _add_quant(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("quantization and compilation (where the model does not say)")
-    g.add_argument("--in-bits", type=int, default=2, help="input pixel bits (default 2)")
+    g.add_argument("--in-bits", type=int, default=2, help="input bits (default 2)")
     g.add_argument("--w-bits", type=int, default=4, help="weight bits (default 4)")
     g.add_argument("--a-bits", type=int, default=3, help="activation bits (default 3)")
     g.add_argument("--tlu-bits", type=int, default=5, help="accumulator bits kept for each table lookup (default 5)")
@@ -81,8 +81,10 @@ def cmd_compile(args) -> None:
                              overwrite=args.force, show_progress=not args.quiet)
     stats = manifest.data["stats"]
     print(f"compiled {manifest.name} in {time.perf_counter() - t:.1f} s -> {args.out}")
-    print(f"  {len(manifest.stages)} stages, {stats['pbs_count']} table lookups, shards per stage "
+    print(f"  {len(manifest.stages)} stages, {stats['table_lookups']} table lookups, shards per stage "
           f"{[r['shards'] for r in manifest.plan]}")
+    for note in manifest.data["model"].get("notes", []):
+        print(f"  note: {note}")
 
 
 def cmd_keygen(args) -> None:
@@ -203,24 +205,33 @@ def cmd_check(args) -> None:
               p_error=args.p_error, max_shards=args.shards, progress=not args.quiet)
     if args.json:
         print(json.dumps(r))
+    if not r["supported"]:
+        if not args.json:
+            print(f"{args.model} cannot be compiled:", file=sys.stderr)
+            for line in r["problems"]:
+                print(f"  {line}", file=sys.stderr)
+        raise SystemExit(2)
+    if args.json:
         return
-    print(f"accuracy on {r['samples']} test images: float {r['accuracy_float']:.4f}, "
-          f"quantized {r['accuracy_quantized']:.4f}")
+    print(f"model input {tuple(r['input_shape'])}; accuracy on {r['samples']} test samples: "
+          f"float {r['accuracy_float']:.4f}, quantized {r['accuracy_quantized']:.4f}")
+    print(f"{'stage':8} {'ops':24} {'lookups':>8} {'bits:count':>16} {'shards':>6}  layers")
+    for row in r["stages"]:
+        bits = " ".join(f"{b}:{c}" for b, c in row["lookup_bits"].items()) or "-"
+        print(f"{row['stage']:8} {row['ops'][:24]:24} {row['table_lookups']:>8} {bits:>16} {row['shards']:>6}  "
+              f"{row['layers'][:60]}")
+    estimate = f", about {r['latency_estimate_s']:.1f} s per inference here" if "latency_estimate_s" in r else ""
+    print(f"table lookups {r['table_lookups']}; evaluation keys about "
+          f"{r['eval_key_bytes_estimate'] / 1e6:.1f} MB (uncompressed){estimate}")
     if r["simulated_samples"]:
-        print(f"FHE simulation on {r['simulated_samples']} images: accuracy {r['accuracy_simulated']:.4f}, "
-              f"agreement {r['simulation_agreement']:.3f}")
+        print(f"FHE simulation on {r['simulated_samples']} samples: accuracy {r['accuracy_simulated']:.4f}, "
+              f"agreement with the quantized model {r['simulation_agreement']:.3f}")
     if "accuracy_encrypted" in r:
-        print(f"real encryption on {r['encrypted_samples']} images: accuracy {r['accuracy_encrypted']:.4f}, "
+        print(f"real encryption on {r['encrypted_samples']} samples: accuracy {r['accuracy_encrypted']:.4f}, "
               f"agreement {r['encrypted_agreement']:.3f}, {r['latency_s']:.2f} s each, "
               f"evaluation keys {r['eval_key_bytes'] / 1e6:.1f} MB")
-    print(f"table lookups: {r['pbs_count']}; evaluation keys (uncompressed estimate): "
-          f"{r['eval_key_bytes_estimate'] / 1e6:.1f} MB")
-    print(f"{'stage':8} {'layer':14} {'act':8} {'acc bits':>8} {'tlu bits':>8} {'lookups':>8} {'acc if only this quantized':>27}")
-    for row in r["layers"]:
-        print(f"{row['stage']:8} {row['layer']:14} {row['activation']:8} {row['accumulator_bits']:>8} "
-              f"{row['tlu_bits']:>8} {row['table_lookups']:>8} {row['accuracy_with_only_this_quantized']:>27.4f}")
     for w in r["warnings"]:
-        print(f"warning: {w}", file=sys.stderr)
+        print(f"note: {w}", file=sys.stderr)
 
 
 def cmd_bench(args) -> None:
@@ -397,7 +408,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", required=True)
     p.set_defaults(func=cmd_decrypt)
 
-    p = sub.add_parser("check", help="accuracy from float to encrypted, per layer")
+    p = sub.add_parser("check", help="pre-flight: unsupported nodes, lookups, keys, latency, accuracy per layer")
     p.add_argument("model")
     _add_data(p)
     p.add_argument("--samples", type=int, default=500)

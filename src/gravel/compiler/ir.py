@@ -69,6 +69,7 @@ def _selu(x: np.ndarray, alpha: float = 1.6732632423543772, gamma: float = 1.050
 
 # Univariate activations: name -> f(x, **params). Every one is a single table lookup in TFHE.
 ACTIVATIONS: dict[str, Callable[..., np.ndarray]] = {
+    "identity": lambda x: x,
     "relu": lambda x: np.maximum(x, 0.0),
     "leaky_relu": lambda x, alpha=0.01: np.where(x >= 0, x, alpha * x),
     "prelu": lambda x, slope=0.25: np.where(x >= 0, x, np.asarray(slope) * x),
@@ -98,19 +99,31 @@ ACTIVATIONS: dict[str, Callable[..., np.ndarray]] = {
     "floor": np.floor,
     "ceil": np.ceil,
     "round": np.round,
-    # A chain of elementwise steps fused by `fuse_univariate`: params["steps"] is a list of
-    # {"fn": name, "params": {...}} or {"fn": "affine", "scale": s, "shift": t}.
+    # Elementwise steps fused by `fuse_univariate`: params["steps"] is a list of
+    # {"fn": name, "params": {...}, "args": [i]}, {"fn": "affine", "scale": s, "shift": t,
+    # "args": [i]} or {"fn": "add" | "sub" | "mul", "args": [i, j]}; value 0 is x, step k
+    # makes value k + 1, and the last step's value is the result.
     "composite": lambda x, steps=(): _composite(x, steps),
 }
 
 
 def _composite(x: np.ndarray, steps: Iterable[dict[str, Any]]) -> np.ndarray:
+    values = [x]
     for step in steps:
-        if step["fn"] == "affine":
-            x = x * np.asarray(step["scale"]) + np.asarray(step["shift"])
+        args = [values[i] for i in step.get("args", [len(values) - 1])]
+        fn = step["fn"]
+        if fn == "affine":
+            v = args[0] * np.asarray(step["scale"]) + np.asarray(step["shift"])
+        elif fn == "add":
+            v = args[0] + args[1]
+        elif fn == "sub":
+            v = args[0] - args[1]
+        elif fn == "mul":
+            v = args[0] * args[1]
         else:
-            x = activation(step["fn"], step.get("params", {}))(x)
-    return x
+            v = activation(fn, step.get("params", {}))(args[0])
+        values.append(v)
+    return values[-1]
 
 
 def activation(fn: str, params: dict[str, Any] | None = None) -> Callable[[np.ndarray], np.ndarray]:
@@ -279,7 +292,8 @@ def conv2d(x: np.ndarray, node: Node) -> np.ndarray:
     cols = cols.reshape(n, g, cg, k, ho, wo)
     wg = w.reshape(g, o // g, cg, kh * kw)
     out = np.einsum("ngckuv,gock->ngouv", cols, wg).reshape(n, o, ho, wo)
-    return out + node.attrs["bias"].reshape(1, -1, 1, 1)
+    b = np.asarray(node.attrs["bias"])
+    return out + (b.reshape(1, -1, 1, 1) if b.ndim == 1 else b[None])
 
 
 def _avgpool(x: np.ndarray, node: Node) -> np.ndarray:
