@@ -168,7 +168,8 @@ def fold_affine(graph: Graph) -> Graph:
             if aff.op != "affine":
                 continue
             src = g.node(aff.inputs[0])
-            if src.op in ("gemm", "conv") and len(users[src.name]) == 1:
+            # binarized weights must stay +-1: their batch norm becomes the quantizer's exact threshold
+            if src.op in ("gemm", "conv") and len(users[src.name]) == 1 and src.attrs.get("w_bits") != 1:
                 if _fold_after(g, src, aff):
                     changed = True
                     break
@@ -180,7 +181,7 @@ def fold_affine(graph: Graph) -> Graph:
             while nxt.op in ("reshape", "transpose") and len(users[nxt.name]) == 1 and nxt.name != g.output:
                 path.append(nxt)
                 nxt = users[nxt.name][0]
-            if nxt.op in ("gemm", "conv") and _fold_before(g, aff, nxt, path):
+            if nxt.op in ("gemm", "conv") and nxt.attrs.get("w_bits") != 1 and _fold_before(g, aff, nxt, path):
                 changed = True
                 break
         if changed:

@@ -188,8 +188,9 @@ class _Quantizer:
         if not np.allclose(s_feat, s_feat[:1], rtol=1e-9, atol=0):
             src, meta = self._requant(node.inputs[0], f"{node.where} needs one scale per input feature")
             s_feat = meta.scale.reshape(-1, shape[-1])
-        w = node.attrs["weight"] * s_feat[0][None, :]  # (out, in), real weights on the integers
-        bias = meta.offset @ node.attrs["weight"].T + node.attrs["bias"]  # (..., out)
+        weight = _weights(node)
+        w = weight * s_feat[0][None, :]  # (out, in), real weights on the integers
+        bias = meta.offset @ weight.T + node.attrs["bias"]  # (..., out)
         self._linear(node, src, "gemm", w, bias, w_scale, {})
 
     def _op_conv(self, node: Node, w_scale: float | None = None) -> None:
@@ -199,14 +200,14 @@ class _Quantizer:
             src, meta = self._requant(node.inputs[0], f"{node.where} needs one positive scale per input channel")
             pc = meta.per_channel()
         s_c = pc[0]
-        w = node.attrs["weight"]
+        w = _weights(node)
         g = int(node.attrs.get("group", 1))
         o, cg = w.shape[:2]
         w_real = (w.reshape(g, o // g, cg, *w.shape[2:]) * s_c.reshape(g, 1, cg, 1, 1)).reshape(w.shape)
         # offsets, zero-padded exactly like the integers, through the float convolution
         from gravel.compiler.ir import conv2d
 
-        probe = Node("probe", "conv", ("x",), dict(node.attrs, bias=np.zeros(o)))
+        probe = Node("probe", "conv", ("x",), dict(node.attrs, weight=w, bias=np.zeros(o)))
         bias = conv2d(meta.offset[None], probe)[0] + _full_bias(node.attrs["bias"], self.g.shapes[node.name])
         self._linear(node, src, "conv", w_real, bias, w_scale, {"group": g})
 
@@ -266,7 +267,50 @@ class _Quantizer:
             step = (hi - lo) / (2**bits - 1) if hi > lo else 1.0
             lo = -round(-lo / step) * step  # zero on the grid: exact zeros stay exact
             out = (step, lo, 0, 2**bits - 1)
+        if fn == "sign":
+            src, meta = self._sign_threshold(node, src, meta)
         self._lut(node.name, node.source or node.name, src, meta, fn, params, out, exact_hint=fn == "sign")
+
+    def _sign_threshold(self, node: Node, src: str, meta: _Meta) -> tuple[str, _Meta]:
+        """sign(s * a + o) as an exact integer threshold in the producing Gemm/Conv: channels
+        with s < 0 are negated, -T is added to the bias (T = the smallest a with a positive
+        sign), and, where the accumulator is rounded to 2^l steps, h = 2^(l-1) more, taken back
+        in the lookup: round(a' + h) >= 2h exactly when a' >= 0. Binarized layers stay exact."""
+        q = self.node(src)
+        if q.op != "linear" or len(self.users[node.inputs[0]]) != 1:
+            return src, meta
+        shape = meta.scale.shape
+        axis = 0 if q.attrs["kind"] == "conv" else len(shape) - 1
+        pc = _Meta(np.moveaxis(meta.scale, axis, 0), np.moveaxis(meta.offset, axis, 0)).per_channel()
+        if pc is None:
+            return src, meta
+        s, o = pc
+        flip = s < 0
+        with np.errstate(divide="ignore", invalid="ignore"):
+            t = np.where(flip, np.ceil(o / np.where(s == 0, 1, s)), np.ceil(-o / np.where(s == 0, 1, s)))
+        t = np.where(s == 0, np.where(o >= 0, -(2**20), 2**20), t).astype(np.int64)  # constant signs
+        sign = np.where(flip, -1, 1)
+        w = q.attrs["weight"]
+        if q.attrs["kind"] == "gemm":
+            q.attrs["weight"] = np.ascontiguousarray(w * sign[None, :])
+        else:
+            q.attrs["weight"] = np.ascontiguousarray(w * sign[None, :])
+        bias = np.asarray(q.attrs["bias"])
+        shape_b = (-1,) + (1,) * (bias.ndim - 1) if axis == 0 else (-1,)
+        q.attrs["bias"] = bias * sign.reshape(shape_b) - t.reshape(shape_b)
+        self._rerun(q)
+        lsbs = max(0, signed_width(q.lo, q.hi) - self.cfg.tlu_bits)
+        h = 2 ** (lsbs - 1) if lsbs else 0
+        if h:
+            q.attrs["bias"] = q.attrs["bias"] + h
+            self._rerun(q)
+        ones = np.ones(shape)
+        return src, _Meta(ones, -2.0 * h * ones)
+
+    def _rerun(self, q: QNode) -> None:
+        """Recompute a node's calibration values after its constants changed."""
+        values = self.ints[q.name] = run_node(q, [self.ints[i] for i in q.inputs], self.backend)
+        q.lo, q.hi = int(values.min()), int(values.max())
 
     def _lut(self, name: str, source: str, src: str, meta: _Meta, fn: str, params: dict[str, Any],
              out: tuple[float, float, int, int], exact_hint: bool = False) -> QNode:
@@ -469,6 +513,12 @@ class _Quantizer:
 
     def _op_softmax(self, node: Node) -> None:
         raise ModelError(f"{node.where}: a Softmax inside the network cannot be compiled (only a final one)")
+
+
+def _weights(node: Node) -> np.ndarray:
+    """A Gemm/Conv's real weights; QAT binarized layers (w_bits 1) compute with their signs."""
+    w = np.asarray(node.attrs["weight"], dtype=np.float64)
+    return np.where(w >= 0, 1.0, -1.0) if node.attrs.get("w_bits") == 1 else w
 
 
 def _full_bias(bias: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
