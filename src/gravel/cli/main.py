@@ -21,11 +21,15 @@ def _ints(text: str) -> list[int]:
 
 
 def _add_quant(p: argparse.ArgumentParser) -> None:
+    from gravel.compiler.quantize import QuantConfig
+
+    d = QuantConfig()
     g = p.add_argument_group("quantization and compilation (where the model does not say)")
-    g.add_argument("--in-bits", type=int, default=2, help="input bits (default 2)")
-    g.add_argument("--w-bits", type=int, default=4, help="weight bits (default 4)")
-    g.add_argument("--a-bits", type=int, default=3, help="activation bits (default 3)")
-    g.add_argument("--tlu-bits", type=int, default=5, help="accumulator bits kept for each table lookup (default 5)")
+    g.add_argument("--in-bits", type=int, default=d.in_bits, help=f"input bits (default {d.in_bits})")
+    g.add_argument("--w-bits", type=int, default=d.w_bits, help=f"weight bits (default {d.w_bits})")
+    g.add_argument("--a-bits", type=int, default=d.a_bits, help=f"activation bits (default {d.a_bits})")
+    g.add_argument("--tlu-bits", type=int, default=d.tlu_bits,
+                   help=f"accumulator bits kept for each table lookup (default {d.tlu_bits})")
     g.add_argument("--rounding", choices=["auto", "approximate", "exact"], default="auto",
                    help="accumulator rounding before each lookup (auto: exact for sign activations)")
     g.add_argument("--p-error", type=float, default=0.01, help="error probability per table lookup (default 0.01)")
