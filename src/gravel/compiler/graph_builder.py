@@ -238,6 +238,57 @@ class GraphBuilder:
             )
         return self.emit(op, [a, b], {}, source)
 
+    def arith(self, op: str, x: Tensor | Const, y: Tensor | Const, source: str) -> Tensor:
+        """add / sub / mul / div with at least one computed operand: with a constant it is an
+        affine map (c / x a reciprocal first); of two computed tensors add, sub or mul, and
+        div only where the divisor is an elementwise function of the dividend (x / f(x),
+        which canonicalisation fuses into one table lookup)."""
+        if isinstance(x, Tensor) and isinstance(y, Tensor):
+            if op == "div":
+                if not self.univariate_of(y, x):
+                    raise NodeProblem(
+                        "division of two computed tensors is not supported; divide by a constant "
+                        "(only x / f(x) with f elementwise, as in Softsign's x / (1 + |x|), is imported)"
+                    )
+                return self.binary("mul", x, self.act(y, "reciprocal", source), source)
+            return self.binary(op, x, y, source)
+        if isinstance(x, Tensor):
+            t, c, t_first = x, y, True
+        elif isinstance(y, Tensor):
+            t, c, t_first = y, x, False
+        else:  # pragma: no cover - importers fold constant arithmetic
+            raise NodeProblem("arithmetic on constants only")
+        p = self.const_for(t, c)
+        if op == "add":
+            return self.affine(t, source, shift=p)
+        if op == "sub":
+            return self.affine(t, source, shift=-p) if t_first else self.affine(t, source, scale=-1.0, shift=p)
+        if op == "mul":
+            return self.affine(t, source, scale=p)
+        if t_first:
+            if np.any(p == 0):
+                raise NodeProblem("division by a constant that contains zero")
+            return self.affine(t, source, scale=1.0 / p)
+        return self.affine(self.act(t, "reciprocal", source), source, scale=p)
+
+    def univariate_of(self, y: Tensor, x: Tensor) -> bool:
+        """Whether `y` is computed from `x` alone through elementwise one-input nodes."""
+        name = y.name
+        while name != x.name:
+            node = self.node_of(Tensor(name, ()))
+            if node.op not in ("act", "affine"):
+                return False
+            name = node.inputs[0]
+        return True
+
+    def power(self, x: Tensor, exponent: float, source: str) -> Tensor:
+        """x ** e for a constant e: square for 2, nothing for 1, else act pow."""
+        if exponent == 1.0:
+            return x
+        if exponent == 2.0:
+            return self.act(x, "square", source)
+        return self.act(x, "pow", source, {"exponent": float(exponent)})
+
     def gemm(self, x: Tensor, weight: Any, bias: Any, source: str, **extra: Any) -> Tensor:
         weight = _floats(weight)
         bias = np.zeros(weight.shape[0]) if bias is None else _floats(bias).reshape(-1)

@@ -50,7 +50,7 @@ SUPPORTED_OPERATORS: dict[str, str] = {
     "AveragePool": "avgpool, 2-D; pads, auto_pad, ceil_mode, count_include_pad, dilations",
     "BatchNormalization": "affine with per-channel constants (inference mode)",
     "Cast": "to a float type: dropped",
-    "CastLike": "to a float type: dropped",
+    "CastLike": "to a float type: dropped (a constant cast like a computed tensor: evaluated)",
     "Ceil": "act ceil",
     "Celu": "act celu",
     "Clip": "act clip; bounds from constant inputs or attributes (ReLU6 is Clip(0, 6))",
@@ -609,12 +609,7 @@ def _pow(imp: _Importer, node: Any, ins: list[Any], a: dict[str, Any], src: str)
     x = imp.tensor(ins[0], "base")
     if not isinstance(ins[1], Const):
         raise NodeProblem("Pow with a computed exponent is not supported; the exponent must be a constant")
-    e = imp.scalar(ins[1], "the exponent")
-    if e == 1.0:
-        return x
-    if e == 2.0:
-        return imp.b.act(x, "square", src)
-    return imp.b.act(x, "pow", src, {"exponent": e})
+    return imp.b.power(x, imp.scalar(ins[1], "the exponent"), src)
 
 
 @_handles("Add", "Sub", "Mul", "Div", "Sum")
@@ -631,44 +626,14 @@ def _arith(imp: _Importer, node: Any, ins: list[Any], a: dict[str, Any], src: st
             y = b.affine(y, src, shift=b.const_for(y, c, "the constant term"))
         return y
     x, y = ins
-    if isinstance(x, Tensor) and isinstance(y, Tensor):
-        if op == "Div":
-            if not _univariate_of(imp, y, x):
-                raise NodeProblem(
-                    "division of two computed tensors is not supported; divide by a constant "
-                    "(only x / f(x), as in Softsign's x / (1 + |x|), is imported)"
-                )
-            return b.binary("mul", x, b.act(y, "reciprocal", src), src)
-        return b.binary(op.lower(), x, y, src)
-    t, c, t_first = (x, y, True) if isinstance(x, Tensor) else (y, x, False)
-    if op == "Add" and t.name in imp.from_matmul and imp.consumers.get(node.input[0 if t_first else 1]) == 1:
-        folded = _fold_bias(imp, t, c, src)
-        if folded is not None:
-            return folded
-    p = b.const_for(t, c)
-    if op == "Add":
-        return b.affine(t, src, shift=p)
-    if op == "Sub":
-        return b.affine(t, src, shift=-p) if t_first else b.affine(t, src, scale=-1.0, shift=p)
-    if op == "Mul":
-        return b.affine(t, src, scale=p)
-    if t_first:
-        if np.any(p == 0):
-            raise NodeProblem("division by a constant that contains zero")
-        return b.affine(t, src, scale=1.0 / p)
-    return b.affine(b.act(t, "reciprocal", src), src, scale=p)
-
-
-def _univariate_of(imp: _Importer, y: Tensor, x: Tensor) -> bool:
-    """Whether `y` is computed from `x` alone through elementwise one-input nodes, so that
-    x / y is a univariate function of x (torch's Softsign exports as x / (1 + |x|))."""
-    name = y.name
-    while name != x.name:
-        node = imp.b.node_of(Tensor(name, ()))
-        if node.op not in ("act", "affine"):
-            return False
-        name = node.inputs[0]
-    return True
+    if op == "Add" and not (isinstance(x, Tensor) and isinstance(y, Tensor)):
+        k = 0 if isinstance(x, Tensor) else 1
+        t, c = ins[k], ins[1 - k]
+        if t.name in imp.from_matmul and imp.consumers.get(node.input[k]) == 1:
+            folded = _fold_bias(imp, t, c, src)
+            if folded is not None:
+                return folded
+    return b.arith(op.lower(), x, y, src)
 
 
 def _fold_bias(imp: _Importer, t: Tensor, c: Const, src: str) -> Tensor | None:
@@ -900,7 +865,11 @@ def _identity(imp: _Importer, node: Any, ins: list[Any], a: dict[str, Any], src:
 
 
 @_handles("Cast", "CastLike")
-def _cast(imp: _Importer, node: Any, ins: list[Any], a: dict[str, Any], src: str) -> Tensor:
+def _cast(imp: _Importer, node: Any, ins: list[Any], a: dict[str, Any], src: str) -> Any:
+    if node.op_type == "CastLike" and isinstance(ins[0], Const):
+        # a constant cast to a computed tensor's type (the dynamo exporter's bias and clip
+        # bounds): computed tensors are float, so the result is the constant as float
+        return Const(np.asarray(ins[0].a, np.float32), np.asarray(ins[0].b, np.float32))
     x = imp.tensor(ins[0])
     if node.op_type == "Cast":
         ok = int(a.get("to", 0)) in _FLOAT_TYPES
