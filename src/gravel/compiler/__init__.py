@@ -35,8 +35,7 @@ def load_model_ops(model: Any) -> tuple[list[FloatOp], dict[str, Any]]:
     """Float operators and a description of a checkpoint path, an ONNX path or an nn.Module."""
     from torch import nn
 
-    from gravel.compiler.chain_import import ops_from_onnx
-    from gravel.compiler.chain_import import ops_from_torch
+    from gravel.compiler.chain_import import ops_from_onnx, ops_from_torch
     from gravel.model.checkpoint import load_checkpoint
 
     if isinstance(model, nn.Module):

@@ -185,7 +185,7 @@ class _FxImporter:
             tracer = _LeafTracer()
             graph = tracer.trace(self.module, concrete_args=concrete or None)
             return fx.GraphModule(tracer.root, graph)
-        except Exception as exc:  # fx raises many types for untraceable code
+        except Exception as exc:  # noqa: BLE001 - fx raises many types for untraceable code
             raise _Fallback(f"torch.fx cannot trace the model ({type(exc).__name__}: {exc})".split("\n")[0]) from None
 
     def _runs(self, gm: fx.GraphModule, dependent: set[str]) -> tuple[dict[str, Any], dict[str, Any]]:
