@@ -70,12 +70,13 @@ def digits_batch(n: int = 32, flat: bool = False) -> np.ndarray:
     return x if flat else x.reshape(n, 1, 8, 8)
 
 
-def export_onnx(arch: Arch, dynamo: bool, path: Path | None = None) -> bytes | Path:
-    """Export `arch`'s model with one of torch's exporters: to `path` (the dynamo exporter
-    writes its weights beside it in `<path>.data`) or, without a path, into bytes."""
+def export_onnx(arch: Arch, dynamo: bool, path: Path | None = None, model: nn.Module | None = None) -> bytes | Path:
+    """Export `arch`'s model (or `model`, a trained instance) with one of torch's exporters: to
+    `path` (the dynamo exporter writes its weights beside it in `<path>.data`) or, without a
+    path, into bytes."""
     import warnings
 
-    model = arch.model()
+    model = arch.model() if model is None else model.eval()
     # torch.export specialises a dimension of size 1, so a symbolic batch needs two samples
     sample = (torch.zeros((2 if arch.dynamic_batch else 1, *arch.input_shape)),)
     target: io.BytesIO | str = io.BytesIO() if path is None else str(path)

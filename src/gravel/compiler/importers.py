@@ -1,5 +1,5 @@
 """One entry point from whatever a user has to an IR `Graph`: a Gravel checkpoint, an ONNX
-file or a `torch.nn.Module` (the graph counterpart of `load_model_ops`)."""
+file or a `torch.nn.Module`."""
 
 from __future__ import annotations
 

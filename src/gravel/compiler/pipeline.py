@@ -47,9 +47,12 @@ def import_model(model: Any, sample: np.ndarray | None = None) -> tuple[Graph, d
     does not declare it (an nn.Module)."""
     if isinstance(model, Graph):
         return model, {"name": model.name, "source": "graph"}
+    from torch import nn
+
     from gravel.compiler.importers import load_graph_model
 
-    return load_graph_model(model, sample)
+    # a checkpoint records its input shape and an ONNX file declares it: only a module needs one
+    return load_graph_model(model, sample if isinstance(model, nn.Module) else None)
 
 
 def build(model: Any, calib_x: np.ndarray, config: QuantConfig = QuantConfig(),
