@@ -301,10 +301,12 @@ class _Poison:
 
 
 _POISON = _Poison()
-Value = Tensor | Const | None
 
 
 class _Importer:
+    """One walk over an ONNX graph in its (topological) order: `env` maps each ONNX tensor
+    name to a computed `Tensor`, a `Const`, or `_POISON` downstream of a reported node."""
+
     def __init__(self, proto: Any, where: str, opset: int) -> None:
         self.proto = proto
         self.graph = proto.graph
@@ -367,7 +369,6 @@ class _Importer:
         return inp.name, tuple(shape), fixed
 
     def run(self, name: str) -> Graph:
-        import onnx
         from onnx import numpy_helper
 
         if len(self.graph.output) != 1:
@@ -381,7 +382,7 @@ class _Importer:
         for t in self.graph.initializer:
             self.env[t.name] = Const.of(numpy_helper.to_array(t))
         for node in self.graph.node:
-            self._node(node, onnx)
+            self._node(node)
         out_name = self.graph.output[0].name
         out = self.env.get(out_name)
         if self.problems:
@@ -402,7 +403,7 @@ class _Importer:
         for o in node.output:
             self.env[o] = _POISON
 
-    def _node(self, node: Any, onnx: Any) -> None:
+    def _node(self, node: Any) -> None:
         label = node.name or (node.output[0] if node.output else node.op_type)
         ins: list[Any] = []
         for i in node.input:
@@ -453,7 +454,7 @@ class _Importer:
         if node.domain not in ("", "ai.onnx"):
             msg = f"operator of domain {node.domain!r} is not standard ONNX; export with standard operators only"
         elif node.op_type in SUPPORTED_OPERATORS:
-            msg = "not supported here"
+            msg = f"{node.op_type} with these inputs is not supported"
         else:
             msg = f"Gravel does not import {node.op_type} on computed tensors; " + _ADVICE.get(
                 node.op_type, "replace it with a supported operator"
