@@ -288,7 +288,7 @@ CORPUS: list[Arch] = [
     Arch("mlp_relu", lambda: _mlp(nn.ReLU()), opset=13, dynamic_batch=True, fold=False),
     Arch("mlp_sigmoid_tanh", lambda: _mlp(nn.Sigmoid(), nn.Tanh()), opset=14),
     Arch("mlp_elu_family", lambda: _mlp(nn.LeakyReLU(0.1), nn.ELU(0.8), nn.SELU(), nn.CELU(1.3)), opset=15),
-    Arch("mlp_gelu_erf", lambda: _mlp(nn.GELU()), opset=17, dynamic_batch=True),
+    Arch("mlp_gelu_erf", lambda: _mlp(nn.GELU(), nn.GELU(approximate="tanh")), opset=17, dynamic_batch=True),
     Arch("mlp_gelu20", lambda: _mlp(nn.GELU(), nn.GELU(approximate="tanh")), opset=20),
     Arch("mlp_hard", lambda: _mlp(nn.Hardsigmoid(), nn.Hardswish(), nn.ReLU6(), nn.Hardtanh(-0.5, 0.8)), opset=16),
     Arch("mlp_soft", lambda: _mlp(nn.Softplus(), nn.Softsign(), nn.Mish()), opset=18),

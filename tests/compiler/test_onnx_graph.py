@@ -88,7 +88,10 @@ def _ops(graph):
 def test_corpus_structure(exporter, exported):
     """What the importer makes of particular operators, on both exporters' files."""
     g = {a.name: graph_from_onnx(exported(a, exporter)) for a in CORPUS}
-    fns = lambda graph: [n.attrs["fn"] for n in graph.nodes if n.op == "act"]  # noqa: E731
+
+    def fns(graph):
+        return [n.attrs["fn"] for n in graph.nodes if n.op == "act"]
+
     assert "erf" in fns(g["mlp_gelu_erf"]) and "gelu" not in fns(g["mlp_gelu_erf"])
     assert {"gelu", "gelu_tanh"} <= set(fns(g["mlp_gelu20"]))
     # batch norm kept by the exporter (fold=False) becomes a per-channel affine (C, 1, 1)
@@ -126,11 +129,11 @@ def test_readme_operator_table_is_current():
 
 
 def test_every_listed_operator_has_a_handler():
-    from gravel.compiler.onnx_import import _HANDLERS
+    from gravel.compiler.onnx_ops import HANDLERS
 
     folded_only = {"Constant", "ConstantOfShape"}
-    assert set(SUPPORTED_OPERATORS) - folded_only <= set(_HANDLERS)
-    assert set(_HANDLERS) <= set(SUPPORTED_OPERATORS)
+    assert set(SUPPORTED_OPERATORS) - folded_only <= set(HANDLERS)
+    assert set(HANDLERS) <= set(SUPPORTED_OPERATORS)
 
 
 # --------------------------------------------------------- single operators vs onnx's reference

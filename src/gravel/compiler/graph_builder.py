@@ -27,8 +27,10 @@ from gravel.errors import ModelError
 
 __all__ = ["BATCH_HYPOTHESES", "Const", "GraphBuilder", "NodeProblem", "Tensor"]
 
-# Two batch sizes under which every known value is evaluated (see the module docstring).
-BATCH_HYPOTHESES = (7, 11)
+# Two batch sizes under which every known value is evaluated (see the module docstring):
+# small, since the torch importer runs the model at both; a value that depends on the batch
+# differs between them, and only equality with the batch size in both counts as "the batch".
+BATCH_HYPOTHESES = (2, 3)
 
 
 class NodeProblem(ModelError):
