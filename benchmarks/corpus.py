@@ -48,15 +48,26 @@ def main() -> None:
     ap.add_argument("--sim", type=int, default=100, help="test images simulated per model")
     ap.add_argument("--only", help="comma-separated architecture names")
     ap.add_argument("--exporters", default="legacy,dynamo")
+    ap.add_argument("--a-bits", type=int)
+    ap.add_argument("--tlu-bits", type=int)
+    ap.add_argument("--rounding", choices=["auto", "approximate", "exact"])
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
 
-    from gravel.compiler import build, evaluate, lower
+    from gravel.compiler import build, evaluate
     from gravel.compiler.quantize import conform_batch
     from gravel.data import load_dataset
-    from gravel.harness.check import simulate
+    from gravel.harness.check import simulate, simulation_model
     from gravel.harness.common import calib_images
 
+    from dataclasses import replace
+
+    from gravel.compiler import QuantConfig
+
+    config = QuantConfig()
+    for key in ("a_bits", "tlu_bits", "rounding"):
+        if getattr(args, key) is not None:
+            config = replace(config, **{key: getattr(args, key)})
     data = load_dataset("digits")
     rows = []
     tmp = tempfile.mkdtemp(prefix="gravel-corpus-")
@@ -74,12 +85,12 @@ def main() -> None:
             try:
                 onnx = export_onnx(arch, exporter == "dynamo", Path(tmp) / f"{arch.name}-{exporter}.onnx", model)
                 calib = calib_images(data, 300)
-                compiled = build(onnx, calib)
+                compiled = build(onnx, calib, config)
                 xg = conform_batch(x_test, compiled.graph.input_shape)
                 acc_float = float((np.asarray(evaluate(compiled.graph, xg)).argmax(1) == data.y_test).mean())
                 clear = compiled.qgraph.predict(x_test)
-                module = lower(compiled, calib, p_error=1e-4, simulation=True)
-                sim = simulate(module, compiled, x_test[: args.sim])
+                one, module = simulation_model(compiled, calib, p_error=1e-4)
+                sim = simulate(module, one, x_test[: args.sim])
                 row.update(
                     ok=True, accuracy_float=acc_float, accuracy_quantized=float((clear == data.y_test).mean()),
                     loss_points=round(100 * (acc_float - float((clear == data.y_test).mean())), 2),

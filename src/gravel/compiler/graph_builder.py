@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from gravel.compiler.ir import ACTIVATIONS, Graph, Node, _node_shape
+from gravel.compiler.ir import ACTIVATIONS, Graph, Node, node_shape
 from gravel.errors import ModelError
 
 __all__ = ["BATCH_HYPOTHESES", "Const", "GraphBuilder", "NodeProblem", "Tensor"]
@@ -145,7 +145,7 @@ class GraphBuilder:
         """Append one IR node; its shape rule runs now, so a misfit names this node."""
         node = Node(self.unique(name or op), op, tuple(t.name for t in inputs), attrs, source)
         try:
-            shape = _node_shape(node, [t.shape for t in inputs], self.input_shape)
+            shape = node_shape(node, [t.shape for t in inputs], self.input_shape)
         except ModelError as exc:
             raise NodeProblem(str(exc)) from None
         self.nodes.append(node)

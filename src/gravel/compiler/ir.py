@@ -45,6 +45,7 @@ __all__ = [
     "activation",
     "evaluate",
     "infer_shapes",
+    "node_shape",
 ]
 
 OPS = (
@@ -370,6 +371,8 @@ def _eval_node(node: Node, args: list[np.ndarray], x: np.ndarray) -> np.ndarray:
     if op == "softmax":
         z = args[0] - args[0].max(axis=a["axis"] + 1, keepdims=True)
         e = np.exp(z)
+        if a.get("log"):  # LogSoftmax
+            return z - np.log(e.sum(axis=a["axis"] + 1, keepdims=True))
         return e / e.sum(axis=a["axis"] + 1, keepdims=True)
     raise ModelError(f"{node.where}: no reference semantics")  # pragma: no cover - OPS is closed
 
@@ -387,12 +390,13 @@ def infer_shapes(graph: Graph) -> dict[str, tuple[int, ...]]:
     shapes: dict[str, tuple[int, ...]] = {}
     for node in graph.nodes:
         ins = [shapes[i] for i in node.inputs]
-        shapes[node.name] = _node_shape(node, ins, graph.input_shape)
+        shapes[node.name] = node_shape(node, ins, graph.input_shape)
     graph.shapes = shapes
     return shapes
 
 
-def _node_shape(node: Node, ins: list[tuple[int, ...]], input_shape: tuple[int, ...]) -> tuple[int, ...]:
+def node_shape(node: Node, ins: list[tuple[int, ...]], input_shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The per-sample output shape of `node` given its inputs' shapes (refuses what does not fit)."""
     a = node.attrs
     op = node.op
     if op == "input":

@@ -10,6 +10,7 @@ the simulated program and a few real encrypted inferences.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -17,32 +18,46 @@ import numpy as np
 
 from gravel.compiler import QuantConfig, build, evaluate, lower
 from gravel.compiler.pipeline import Compiled
-from gravel.compiler.plan import INPUT, shard_weights
+from gravel.compiler.plan import INPUT, make_plan, shard_weights
+from gravel.compiler.program import FUSED
 from gravel.compiler.quantize import conform_batch
 from gravel.data import Dataset
 from gravel.errors import ModelError
 from gravel.harness.common import calib_images
 
-__all__ = ["TOLERANCE", "check", "simulate", "stage_widths"]
+__all__ = ["TOLERANCE", "check", "simulate", "simulation_model", "stage_widths"]
 
 # accuracy a quantized model may lose against its float model before check names a culprit
 TOLERANCE = 0.015
 
 
+def simulation_model(compiled: Compiled, calib_x: np.ndarray, p_error: float) -> Any:
+    """A simulated program for accuracy checks: one shard per stage and the fused function,
+    so each sample is one `simulate` call (each call has a large fixed cost); sharding does
+    not change what a stage computes."""
+    one = replace(compiled, plan=make_plan(compiled.stages, 1))
+    return one, lower(one, calib_x, p_error=p_error, simulation=True, fused=True)
+
+
 def simulate(module: Any, compiled: Compiled, x: np.ndarray) -> np.ndarray:
-    """Predictions of a simulated (fhe_simulation=True) program, shard by shard."""
+    """Predictions of a simulated (fhe_simulation=True) program: the fused function where the
+    module has one, else stage by stage and shard by shard."""
     from gravel.protocol.manifest import stage_arguments
 
     graph, stages, plan = compiled.qgraph, compiled.stages, compiled.plan
+    fused = getattr(module, FUSED, None)
     preds = []
     for q in graph.quantize_input(conform_batch(x, graph.input_shape)):
         outputs: dict[str, list] = {INPUT: [q]}
         try:
-            for st, row in zip(stages, plan.stages):
-                fn = getattr(module, st.name)
-                parts = stage_arguments(row.to_json(), outputs)
-                weights = [shard_weights(st, row.shards, j) for j in range(row.shards)] if row.shardable else [()]
-                outputs[st.name] = [fn.simulate(*parts, *w) for w in weights]
+            if fused is not None:
+                outputs[stages[-1].name] = [fused.simulate(q)]
+            else:
+                for st, row in zip(stages, plan.stages):
+                    fn = getattr(module, st.name)
+                    parts = stage_arguments(row.to_json(), outputs)
+                    weights = [shard_weights(st, row.shards, j) for j in range(row.shards)] if row.shardable else [()]
+                    outputs[st.name] = [fn.simulate(*parts, *w) for w in weights]
         except ValueError:
             # a simulated lookup error left a value outside the next stage's input range,
             # which concrete refuses: count the sample as mispredicted (-1)
@@ -137,8 +152,8 @@ def check(
     clear = compiled.qgraph.predict(x)
     acc_quant = float((clear == y).mean())
     p_error = compile_kwargs.get("p_error", 0.01)
-    module = lower(compiled, calib_x, p_error=p_error, simulation=True)
-    sim = simulate(module, compiled, x[:sim_samples]) if sim_samples else np.zeros(0, np.int64)
+    sim_compiled, module = simulation_model(compiled, calib_x, p_error)
+    sim = simulate(module, sim_compiled, x[:sim_samples]) if sim_samples else np.zeros(0, np.int64)
     stages = stage_widths(compiled)
     widths: dict[int, int] = {}
     for row in stages:
