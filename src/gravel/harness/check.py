@@ -23,7 +23,7 @@ from gravel.data import Dataset
 from gravel.harness.bench import bench
 from gravel.harness.common import calib_images
 
-__all__ = ["check", "simulate"]
+__all__ = ["check", "format_check", "simulate"]
 
 DROP_WARNING = 0.01
 
@@ -127,3 +127,25 @@ def check(
         result["eval_key_bytes"] = real["eval_key_bytes"]
         result["latency_s"] = real["latency_s"]
     return result
+
+
+def format_check(result: dict[str, Any]) -> str:
+    """The table `gravel check` prints for a `check` result (its warnings go to stderr apart)."""
+    r = result
+    lines = [(f"accuracy on {r['samples']} test images: float {r['accuracy_float']:.4f}, "
+              f"quantized {r['accuracy_quantized']:.4f}")]
+    if r["simulated_samples"]:
+        lines.append(f"FHE simulation on {r['simulated_samples']} images: accuracy {r['accuracy_simulated']:.4f}, "
+                     f"agreement {r['simulation_agreement']:.3f}")
+    if "accuracy_encrypted" in r:
+        lines.append(f"real encryption on {r['encrypted_samples']} images: accuracy {r['accuracy_encrypted']:.4f}, "
+                     f"agreement {r['encrypted_agreement']:.3f}, {r['latency_s']:.2f} s each, "
+                     f"evaluation keys {r['eval_key_bytes'] / 1e6:.1f} MB")
+    lines.append(f"table lookups: {r['pbs_count']}; evaluation keys (uncompressed estimate): "
+                 f"{r['eval_key_bytes_estimate'] / 1e6:.1f} MB")
+    lines.append(f"{'stage':8} {'layer':14} {'act':8} {'acc bits':>8} {'tlu bits':>8} {'lookups':>8} "
+                 f"{'acc if only this quantized':>27}")
+    for row in r["layers"]:
+        lines.append(f"{row['stage']:8} {row['layer']:14} {row['activation']:8} {row['accumulator_bits']:>8} "
+                     f"{row['tlu_bits']:>8} {row['table_lookups']:>8} {row['accuracy_with_only_this_quantized']:>27.4f}")
+    return "\n".join(lines)
