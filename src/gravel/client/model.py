@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from gravel.errors import KeyMismatchError
+from gravel.errors import BlobFormatError, KeyMismatchError
 from gravel.protocol import Kind, Manifest, frame, load_manifest, unframe
 from gravel.protocol.quantization import InputQuantizer
 
@@ -53,7 +53,7 @@ class SecretKeys:
         try:
             keys = fhe.Keys.deserialize(payload)
         except Exception as exc:  # noqa: BLE001 - the backend raises RuntimeError and others
-            raise KeyMismatchError(f"{path}: secret keys are corrupt ({exc})") from exc
+            raise BlobFormatError(f"{path}: secret keys are corrupt ({exc})") from exc
         return SecretKeys(keys, model.digest)
 
 
@@ -107,7 +107,7 @@ class ClientModel:
             self._client.keys = keys._keys
             acc = np.asarray(self._client.decrypt(value, function_name=self.last))
         except Exception as exc:  # noqa: BLE001 - backend errors become one clear message
-            raise KeyMismatchError(f"output ciphertext cannot be decrypted: corrupt or truncated ({exc})") from exc
+            raise BlobFormatError(f"output ciphertext cannot be decrypted: corrupt or truncated ({exc})") from exc
         return acc * self.out_scale + self.out_offset
 
     def predict(self, keys: SecretKeys, ciphertext: bytes) -> int:

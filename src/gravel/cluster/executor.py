@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from gravel.cluster.trace import InferenceTrace, ShardRecord
-from gravel.errors import GravelError, KeyMismatchError
+from gravel.errors import ClusterError, KeyMismatchError
 from gravel.protocol import Kind, frame, load_manifest, unframe
 from gravel.protocol.manifest import CLIENT_FILES, INPUT, MANIFEST, SERVER_FILES, stage_arguments
 from gravel.server.runner import parse_blob
@@ -27,10 +27,6 @@ __all__ = ["ClusterError", "RayExecutor"]
 
 MAX_ATTEMPTS = 3
 CPU_WAIT_S = 5.0  # actors killed a moment ago release their CPUs asynchronously
-
-
-class ClusterError(GravelError):
-    """The cluster cannot be reached, has no room, or an inference could not complete."""
 
 
 def _check_address(address: str) -> None:

@@ -25,7 +25,7 @@ from gravel.data import Dataset
 from gravel.errors import ModelError
 from gravel.harness.common import calib_images
 
-__all__ = ["TOLERANCE", "check", "simulate", "simulation_model", "stage_widths"]
+__all__ = ["TOLERANCE", "check", "format_check", "simulate", "simulation_model", "stage_widths"]
 
 # accuracy a quantized model may lose against its float model before check names a culprit
 TOLERANCE = 0.015
@@ -193,3 +193,27 @@ def check(
         result["eval_key_bytes"] = real["eval_key_bytes"]
         result["latency_s"] = real["latency_s"]
     return result
+
+
+def format_check(result: dict[str, Any]) -> str:
+    """The report `gravel check` prints for a supported model's `check` result (its warnings
+    go to stderr apart)."""
+    r = result
+    lines = [f"model input {tuple(r['input_shape'])}; accuracy on {r['samples']} test samples: "
+             f"float {r['accuracy_float']:.4f}, quantized {r['accuracy_quantized']:.4f}",
+             f"{'stage':8} {'ops':24} {'lookups':>8} {'bits:count':>16} {'shards':>6}  layers"]
+    for row in r["stages"]:
+        bits = " ".join(f"{b}:{c}" for b, c in row["lookup_bits"].items()) or "-"
+        lines.append(f"{row['stage']:8} {row['ops'][:24]:24} {row['table_lookups']:>8} {bits:>16} "
+                     f"{row['shards']:>6}  {row['layers'][:60]}")
+    estimate = f", about {r['latency_estimate_s']:.1f} s per inference here" if "latency_estimate_s" in r else ""
+    lines.append(f"table lookups {r['table_lookups']}; evaluation keys about "
+                 f"{r['eval_key_bytes_estimate'] / 1e6:.1f} MB (uncompressed){estimate}")
+    if r["simulated_samples"]:
+        lines.append(f"FHE simulation on {r['simulated_samples']} samples: accuracy {r['accuracy_simulated']:.4f}, "
+                     f"agreement with the quantized model {r['simulation_agreement']:.3f}")
+    if "accuracy_encrypted" in r:
+        lines.append(f"real encryption on {r['encrypted_samples']} samples: accuracy {r['accuracy_encrypted']:.4f}, "
+                     f"agreement {r['encrypted_agreement']:.3f}, {r['latency_s']:.2f} s each, "
+                     f"evaluation keys {r['eval_key_bytes'] / 1e6:.1f} MB")
+    return "\n".join(lines)

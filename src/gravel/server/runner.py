@@ -9,7 +9,7 @@ from typing import Callable
 
 import numpy as np
 
-from gravel.errors import KeyMismatchError
+from gravel.errors import BlobFormatError
 from gravel.protocol import Kind, Manifest, frame, load_manifest, unframe
 from gravel.protocol.manifest import INPUT, stage_arguments
 
@@ -19,8 +19,9 @@ __all__ = ["ServerModel", "StageTrace", "parse_blob"]
 def parse_blob(data: bytes, kind: Kind, digest: bytes) -> tuple[bytes, object]:
     """Check a framed blob from a client and parse it with the backend's own deserializer.
 
-    Returns (payload, backend object); anything malformed raises KeyMismatchError naming
-    what it is, never the backend's bare exception.
+    Returns (payload, backend object). Bytes of another kind or model raise KeyMismatchError
+    (from `unframe`); bytes the backend cannot parse raise BlobFormatError naming what they
+    were meant to be, never the backend's bare exception.
     """
     from concrete import fhe
 
@@ -29,7 +30,7 @@ def parse_blob(data: bytes, kind: Kind, digest: bytes) -> tuple[bytes, object]:
     try:
         return payload, loader(payload)
     except Exception as exc:  # noqa: BLE001 - the backend raises RuntimeError and others
-        raise KeyMismatchError(f"{kind.label}: corrupt or truncated ({exc})") from exc
+        raise BlobFormatError(f"{kind.label}: corrupt or truncated ({exc})") from exc
 
 
 @dataclass
