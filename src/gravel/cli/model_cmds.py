@@ -141,7 +141,7 @@ def register(subparsers: Any) -> None:
     add_quant_options(p)
     p.set_defaults(func=cmd_compile)
 
-    p = subparsers.add_parser("check", help="accuracy from float to encrypted, per layer")
+    p = subparsers.add_parser("check", help="pre-flight: unsupported nodes, lookups, keys, latency, accuracy per layer")
     p.add_argument("model")
     add_data_options(p)
     p.add_argument("--samples", type=int, default=500)
