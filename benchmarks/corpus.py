@@ -48,6 +48,8 @@ def main() -> None:
     ap.add_argument("--sim", type=int, default=100, help="test images simulated per model")
     ap.add_argument("--only", help="comma-separated architecture names")
     ap.add_argument("--exporters", default="legacy,dynamo")
+    ap.add_argument("--in-bits", type=int)
+    ap.add_argument("--w-bits", type=int)
     ap.add_argument("--a-bits", type=int)
     ap.add_argument("--tlu-bits", type=int)
     ap.add_argument("--rounding", choices=["auto", "approximate", "exact"])
@@ -58,14 +60,14 @@ def main() -> None:
     from gravel.compiler.quantize import conform_batch
     from gravel.data import load_dataset
     from gravel.harness.check import simulate, simulation_model
-    from gravel.harness.common import calib_images
+    from gravel.harness.common import calib_images, calib_labels
 
     from dataclasses import replace
 
     from gravel.compiler import QuantConfig
 
     config = QuantConfig()
-    for key in ("a_bits", "tlu_bits", "rounding"):
+    for key in ("in_bits", "w_bits", "a_bits", "tlu_bits", "rounding"):
         if getattr(args, key) is not None:
             config = replace(config, **{key: getattr(args, key)})
     data = load_dataset("digits")
@@ -85,7 +87,7 @@ def main() -> None:
             try:
                 onnx = export_onnx(arch, exporter == "dynamo", Path(tmp) / f"{arch.name}-{exporter}.onnx", model)
                 calib = calib_images(data, 300)
-                compiled = build(onnx, calib, config)
+                compiled = build(onnx, calib, config, calib_y=calib_labels(data, 300))
                 xg = conform_batch(x_test, compiled.graph.input_shape)
                 acc_float = float((np.asarray(evaluate(compiled.graph, xg)).argmax(1) == data.y_test).mean())
                 clear = compiled.qgraph.predict(x_test)

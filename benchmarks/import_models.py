@@ -110,7 +110,7 @@ def main() -> None:
     from gravel.compiler import QuantConfig, compile_model
     from gravel.data import load_dataset
     from gravel.harness.bench import bench
-    from gravel.harness.common import calib_images
+    from gravel.harness.common import calib_images, calib_labels
 
     data = load_dataset("mnist" if args.model == "mlp" else "fashion-mnist")
     RUNS.mkdir(exist_ok=True)
@@ -133,17 +133,15 @@ def main() -> None:
     with torch.no_grad():
         acc_float = float((model(torch.from_numpy(data.x_test[:2000]).float()).argmax(1).numpy()
                            == data.y_test[:2000]).mean())
-    base = QuantConfig()
-    config = QuantConfig(
-        in_bits=args.in_bits or base.in_bits, w_bits=args.w_bits or base.w_bits,
-        a_bits=args.a_bits or base.a_bits, tlu_bits=args.tlu_bits or base.tlu_bits,
-    )
+    given = {k: getattr(args, k) for k in ("in_bits", "w_bits", "a_bits", "tlu_bits") if getattr(args, k)}
+    config = QuantConfig(**given, search=not given)  # defaults: the compiler's own search
     kwargs = {"max_shards": args.shards}
     if args.p_error is not None:
         kwargs["p_error"] = args.p_error
     art = RUNS / f"{args.model}-{args.exporter}.gravel"
     t = time.perf_counter()
-    manifest = compile_model(onnx_path, calib_images(data, 500), art, config, overwrite=True, **kwargs)
+    manifest = compile_model(onnx_path, calib_images(data, 500), art, config, overwrite=True,
+                             calib_y=calib_labels(data, 500), **kwargs)
     compile_s = time.perf_counter() - t
     from gravel.compiler import load_graph
 

@@ -40,11 +40,12 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 def cmd_compile(args: argparse.Namespace) -> None:
     from gravel.compiler import compile_model
-    from gravel.harness.common import calib_images
+    from gravel.harness.common import calib_images, calib_labels
 
     data = load_data(args)
     t = time.perf_counter()
     manifest = compile_model(args.model, calib_images(data, args.calib), args.out, quant_config(args),
+                             calib_y=calib_labels(data, args.calib),
                              p_error=args.p_error, max_shards=args.shards, name=args.name,
                              overwrite=args.force, show_progress=not args.quiet)
     stats = manifest.data["stats"]

@@ -18,11 +18,13 @@ def add_quant_options(p: argparse.ArgumentParser) -> None:
 
     d = QuantConfig()  # the defaults have one owner
     g = p.add_argument_group("quantization and compilation (where the model does not say)")
-    g.add_argument("--in-bits", type=int, default=d.in_bits, help=f"input bits (default {d.in_bits})")
-    g.add_argument("--w-bits", type=int, default=d.w_bits, help=f"weight bits (default {d.w_bits})")
-    g.add_argument("--a-bits", type=int, default=d.a_bits, help=f"activation bits (default {d.a_bits})")
-    g.add_argument("--tlu-bits", type=int, default=d.tlu_bits,
-                   help=f"accumulator bits kept for each table lookup (default {d.tlu_bits})")
+    g.add_argument("--in-bits", type=int, help=f"input bits (default: search from {d.in_bits})")
+    g.add_argument("--w-bits", type=int, help=f"weight bits (default: search from {d.w_bits})")
+    g.add_argument("--a-bits", type=int, help=f"activation bits (default: search from {d.a_bits})")
+    g.add_argument("--tlu-bits", type=int,
+                   help=f"accumulator bits kept for each table lookup (default: search from {d.tlu_bits}); "
+                        "without any of these four, the compiler tries finer settings until the quantized "
+                        "model agrees with the float model on the calibration set")
     g.add_argument("--rounding", choices=["auto", "approximate", "exact"], default="auto",
                    help="accumulator rounding before each lookup (auto: exact for sign activations)")
     g.add_argument("--p-error", type=float, default=0.01, help="error probability per table lookup (default 0.01)")
@@ -34,7 +36,8 @@ def quant_config(args: argparse.Namespace) -> Any:
     """The QuantConfig that `add_quant_options` describes (the compiler is imported late)."""
     from gravel.compiler import QuantConfig
 
-    return QuantConfig(args.in_bits, args.w_bits, args.a_bits, args.tlu_bits, rounding=args.rounding)
+    given = {k: getattr(args, k) for k in ("in_bits", "w_bits", "a_bits", "tlu_bits") if getattr(args, k) is not None}
+    return QuantConfig(**given, rounding=args.rounding, search=not given)
 
 
 def add_data_options(p: argparse.ArgumentParser, required: bool = True) -> None:

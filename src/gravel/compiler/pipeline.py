@@ -34,6 +34,7 @@ class Compiled:
     stages: list[Stage]
     plan: ShardPlan
     info: dict[str, Any] = field(default_factory=dict)
+    config: QuantConfig = field(default_factory=QuantConfig)  # the settings the quantizer used
 
     @property
     def notes(self) -> list[str]:
@@ -56,15 +57,19 @@ def import_model(model: Any, sample: np.ndarray | None = None) -> tuple[Graph, d
 
 
 def build(model: Any, calib_x: np.ndarray, config: QuantConfig = QuantConfig(),
-          max_shards: int = DEFAULT_MAX_SHARDS) -> Compiled:
-    """Import, canonicalise, quantize (calibrating on `calib_x`), partition and plan."""
+          max_shards: int = DEFAULT_MAX_SHARDS, calib_y: np.ndarray | None = None) -> Compiled:
+    """Import, canonicalise, quantize (calibrating on `calib_x`, labelled by `calib_y` where
+    known, which sharpens the post-training search), partition and plan."""
     source, info = import_model(model, calib_x[:1])
     graph = canonicalise(source)
     calib = conform_batch(calib_x, graph.input_shape)
     state: dict[str, Any] = {}
 
     def _quantize(g: Graph) -> Graph:
-        state["q"] = quantize(g, calib, config)
+        if config.search:
+            state["q"], state["config"] = search_quantize(g, calib, config, calib_y)
+        else:
+            state["q"], state["config"] = quantize(g, calib, config), config
         return g
 
     def _partition(g: Graph) -> Graph:
@@ -74,7 +79,45 @@ def build(model: Any, calib_x: np.ndarray, config: QuantConfig = QuantConfig(),
 
     run_passes(graph, [Pass("quantize", _quantize), Pass("partition and plan shards", _partition)],
                check=lambda g: None)
-    return Compiled(source, graph, state["q"], state["stages"], state["plan"], info)
+    return Compiled(source, graph, state["q"], state["stages"], state["plan"], info, state["config"])
+
+
+def search_quantize(graph: Graph, calib: np.ndarray, config: QuantConfig,
+                    labels: np.ndarray | None = None) -> tuple[QGraph, QuantConfig]:
+    """The cheapest rung of `config.ladder()` that keeps the float model's accuracy on the
+    labelled calibration samples within `config.max_loss` (without labels: whose argmax
+    differs from the float model's on at most `config.max_disagreement`), else the rung that
+    did best; the choice is noted in the result."""
+    from gravel.compiler.ir import evaluate
+
+    reference = np.asarray(evaluate(graph, calib)).reshape(len(calib), -1).argmax(1)
+    if labels is not None:
+        labels = np.asarray(labels)
+        if labels.shape != (len(calib),):
+            raise ModelError(f"{labels.shape} calibration labels for {len(calib)} calibration samples")
+        float_acc = float((reference == labels).mean())
+    best: tuple[float, QGraph, QuantConfig] | None = None
+    for rung in config.ladder():
+        q = quantize(graph, calib, rung)
+        pred = q.predict(calib)
+        if labels is not None:
+            gap, limit = float_acc - float((pred == labels).mean()), config.max_loss
+        else:
+            gap, limit = float((pred != reference).mean()), config.max_disagreement
+        if best is None or gap < best[0]:
+            best = (gap, q, rung)
+        if gap <= limit:
+            break
+    gap, q, rung = best
+    what = ("accuracy loss against the float model" if labels is not None
+            else "share of predictions that differ from the float model's")
+    q.notes.append(
+        f"post-training quantization chose {rung.in_bits}-bit inputs, {rung.w_bits}-bit weights, "
+        f"{rung.a_bits}-bit activations and {rung.tlu_bits}-bit lookups, the cheapest tried: {what} "
+        f"{100 * gap:.1f} % on {len(calib)} calibration samples (wanted <= "
+        f"{100 * (config.max_loss if labels is not None else config.max_disagreement):.1f} %)"
+    )
+    return q, rung
 
 
 def lower(compiled: Compiled, calib_x: np.ndarray, p_error: float = DEFAULT_P_ERROR, simulation: bool = False,
@@ -103,9 +146,10 @@ def compile_graph(
     show_progress: bool = False,
     compress_keys: bool = True,
     fused: bool | None = None,
+    calib_y: np.ndarray | None = None,
 ) -> Manifest:
     """All passes, then the artifact directory (written atomically: nothing half-written)."""
-    compiled = build(model, calib_x, config, max_shards)
+    compiled = build(model, calib_x, config, max_shards, calib_y)
     if name:
         compiled.info["name"] = name
     module = lower(compiled, calib_x, p_error, show_progress=show_progress, compress_keys=compress_keys, fused=fused)

@@ -49,6 +49,14 @@ class QuantConfig:
     # binarized layers default to exact rounding ("auto").
     rounding: str = "auto"
     node_bits: tuple[tuple[str, int], ...] = ()
+    # Post-training default: try SEARCH_LADDER (cheapest first, starting from these settings)
+    # and keep the first that loses at most `max_loss` of the float model's accuracy on the
+    # labelled calibration samples (without labels: whose predictions differ from the float
+    # model's on at most `max_disagreement` of them). Explicit bit widths (search=False) are
+    # used as given.
+    search: bool = True
+    max_loss: float = 0.01
+    max_disagreement: float = 0.03
 
     def __post_init__(self) -> None:
         for key in ("in_bits", "w_bits", "a_bits"):
@@ -61,8 +69,27 @@ class QuantConfig:
         if not 50.0 < self.clip_percentile <= 100.0:
             raise ModelError(f"clip_percentile={self.clip_percentile} is outside (50, 100]")
 
+    def ladder(self) -> list[QuantConfig]:
+        """These settings, then each rung of SEARCH_LADDER that is finer (more bits everywhere)."""
+        from dataclasses import replace
+
+        rungs = [self]
+        for in_bits, w_bits, a_bits, tlu_bits in SEARCH_LADDER:
+            rung = replace(self, in_bits=max(self.in_bits, in_bits), w_bits=max(self.w_bits, w_bits),
+                           a_bits=max(self.a_bits, a_bits), tlu_bits=max(self.tlu_bits, tlu_bits))
+            if rung != rungs[-1]:
+                rungs.append(rung)
+        return rungs
+
     def bits_for(self, node: str, default: int) -> int:
         return dict(self.node_bits).get(node, default)
+
+
+# (in_bits, w_bits, a_bits, tlu_bits) rungs of the post-training search, cheapest first: on the
+# corpus of tests/compiler/corpus.py, 4/7/4/6 kept every trained model within 1.9 points of
+# float where the 3/5/4/5 start lost up to 7 on tiny activation-heavy models; weight and input
+# bits widen accumulators only, lookup bits (tlu_bits) set the cost of every lookup.
+SEARCH_LADDER = ((4, 7, 4, 5), (4, 7, 4, 6))
 
 
 def conform_batch(x: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
@@ -183,7 +210,7 @@ class _Quantizer:
         self.alias[node.name] = src
         self.meta[node.name] = _Meta(meta.scale * scale, meta.offset * scale + shift)
 
-    def _op_gemm(self, node: Node, w_scale: float | None = None) -> None:
+    def _op_gemm(self, node: Node, w_scale: float | str | None = None) -> None:
         src, meta = self._src(node)
         shape = self.g.shapes[node.inputs[0]]
         s_feat = meta.scale.reshape(-1, shape[-1])
@@ -195,7 +222,7 @@ class _Quantizer:
         bias = meta.offset @ weight.T + node.attrs["bias"]  # (..., out)
         self._linear(node, src, "gemm", w, bias, w_scale, {})
 
-    def _op_conv(self, node: Node, w_scale: float | None = None) -> None:
+    def _op_conv(self, node: Node, w_scale: float | str | None = None) -> None:
         src, meta = self._src(node)
         pc = meta.per_channel()
         if pc is None or np.any(pc[0] <= 0):
@@ -214,14 +241,16 @@ class _Quantizer:
         self._linear(node, src, "conv", w_real, bias, w_scale, {"group": g})
 
     def _linear(self, node: Node, src: str, kind: str, w: np.ndarray, bias: np.ndarray,
-                w_scale: float | None, extra: dict[str, Any]) -> None:
+                w_scale: float | str | None, extra: dict[str, Any]) -> None:
         bits = self.cfg.bits_for(node.name, int(node.attrs.get("w_bits") or self.cfg.w_bits))
         qmax = max(1, 2 ** (bits - 1) - 1)
-        if w_scale is None:
-            w_scale = max(float(np.abs(w).max()), 1e-12) / qmax
-        w_int = np.round(w / w_scale).astype(np.int64)
-        b_int = np.round(np.asarray(bias) / w_scale).astype(np.int64)
         out_shape = self.g.shapes[node.name]
+        if w_scale is None or w_scale == "tensor":
+            w_scale = _weight_scale(w, qmax, bits == 1 or w_scale == "tensor")
+        per_out = np.broadcast_to(np.asarray(w_scale, dtype=np.float64), (w.shape[0],))
+        w_int = np.round(w / per_out.reshape((-1,) + (1,) * (w.ndim - 1))).astype(np.int64)
+        channel = per_out if kind == "gemm" else per_out.reshape(-1, 1, 1)
+        b_int = np.round(np.asarray(bias) / channel).astype(np.int64)
         attrs: dict[str, Any] = {"kind": kind, "w_bits": bits}
         if kind == "gemm":
             attrs["weight"] = np.ascontiguousarray(w_int.T)
@@ -244,10 +273,11 @@ class _Quantizer:
             )
         name = self._unique(node.name)
         q = QNode(name, "linear", (src,), attrs, node.source or node.name)
-        q.attrs["w_scale"] = w_scale
+        q.attrs["w_scale"] = _compact(per_out)
         if name in self.ints:
             del self.ints[name]
-        self._emit(q, node.name, _Meta(np.full(out_shape, w_scale), np.zeros(out_shape)))
+        scale = np.broadcast_to(channel, out_shape).copy()
+        self._emit(q, node.name, _Meta(scale, np.zeros(out_shape)))
         self.linear_of[name] = (node, src)
 
     def _op_act(self, node: Node) -> None:
@@ -380,6 +410,13 @@ class _Quantizer:
                                      "addition of two computed tensors is not supported")
         scales = [m.uniform_scale() for m in metas]
         for k in range(2):
+            producer = self.g.node(names[k])
+            if scales[k] is None and producer.op in ("gemm", "conv") and len(self.users[names[k]]) == 1:
+                # per-channel weights: one scale for the whole tensor is what an addition needs
+                self.nodes.remove(self.node(srcs[k]))
+                getattr(self, f"_op_{producer.op}")(producer, w_scale="tensor")
+                srcs[k], metas[k] = self.alias[names[k]], self.meta[names[k]]
+                scales[k] = metas[k].uniform_scale()
             if scales[k] is None:
                 srcs[k], metas[k] = self._requant(names[k], f"{node.where} adds tensors of one scale each")
                 scales[k] = metas[k].uniform_scale()
@@ -515,6 +552,21 @@ class _Quantizer:
 
     def _op_softmax(self, node: Node) -> None:
         raise ModelError(f"{node.where}: a Softmax inside the network cannot be compiled (only a final one)")
+
+
+# Weights are quantized per tensor (one lookup table serves every channel, so the stage can be
+# sharded) unless output channels' largest weights differ by more than this factor (batch norm
+# folded into a depthwise convolution, typically): then per channel, each channel filling its
+# bits, and the lookup after it takes one table per channel.
+PER_CHANNEL_RATIO = 4.0
+
+
+def _weight_scale(w: np.ndarray, qmax: int, binary: bool) -> float | np.ndarray:
+    per_out = np.abs(w).reshape(w.shape[0], -1).max(axis=1)
+    top = max(float(per_out.max()), 1e-12)
+    if binary or per_out.min() * PER_CHANNEL_RATIO >= top:
+        return top / qmax
+    return np.maximum(per_out, top * 1e-6) / qmax
 
 
 def _weights(node: Node) -> np.ndarray:

@@ -23,7 +23,7 @@ from gravel.compiler.program import FUSED
 from gravel.compiler.quantize import conform_batch
 from gravel.data import Dataset
 from gravel.errors import ModelError
-from gravel.harness.common import calib_images
+from gravel.harness.common import calib_images, calib_labels
 
 __all__ = ["TOLERANCE", "check", "format_check", "simulate", "simulation_model", "stage_widths"]
 
@@ -143,7 +143,7 @@ def check(
     """The report as a dict; `supported: False` with every problem when the model cannot run."""
     calib_x = calib_images(data, calib)
     try:
-        compiled = build(model, calib_x, config, compile_kwargs.get("max_shards", 16))
+        compiled = build(model, calib_x, config, compile_kwargs.get("max_shards", 16), calib_labels(data, calib))
     except ModelError as exc:
         return {"supported": False, "problems": str(exc).splitlines()}
     x, y = data.x_test[:samples], data.y_test[:samples]
@@ -162,7 +162,7 @@ def check(
     warnings = list(compiled.notes)
     if acc_float - acc_quant > TOLERANCE:
         warnings.append(f"quantization costs {100 * (acc_float - acc_quant):.1f} points of accuracy")
-        warnings += _culprit(model, compiled, calib_x, x, y, acc_float, config)
+        warnings += _culprit(model, compiled, calib_x, x, y, acc_float, replace(compiled.config, search=False))
     result: dict[str, Any] = {
         "supported": True,
         "model": compiled.info.get("name"),

@@ -20,11 +20,20 @@ def ensure_artifact(
     if (path / "manifest.json").is_file():
         return load_manifest(path, role="all"), None
     tmp = tempfile.TemporaryDirectory(prefix="gravel-")
-    manifest = compile_model(path, calib_images(data, calib), Path(tmp.name) / "model.gravel", config, **kwargs)
+    manifest = compile_model(path, calib_images(data, calib), Path(tmp.name) / "model.gravel", config,
+                             calib_y=calib_labels(data, calib), **kwargs)
     return manifest, tmp
+
+
+def _calib_order(data: Dataset, n: int) -> np.ndarray:
+    return np.sort(np.random.default_rng(0).permutation(len(data.x_train))[:n])
 
 
 def calib_images(data: Dataset, n: int) -> np.ndarray:
     """A fixed, class-mixed sample of training images (some sets are sorted by label)."""
-    order = np.random.default_rng(0).permutation(len(data.x_train))[:n]
-    return data.x_train[np.sort(order)]
+    return data.x_train[_calib_order(data, n)]
+
+
+def calib_labels(data: Dataset, n: int) -> np.ndarray:
+    """The labels of `calib_images(data, n)`: they let post-training quantization judge by accuracy."""
+    return data.y_train[_calib_order(data, n)]
