@@ -6,6 +6,8 @@
     ├── ArtifactError        an artifact directory is incomplete, altered or of another version
     ├── KeyMismatchError     keys or ciphertexts belong to another model, or are not keys at all
     ├── InputError           an input has the wrong shape, dtype or value range
+    ├── DepthError           an encrypted (CKKS) computation needs more multiplicative depth
+    │                        than its parameters, or any secure parameter set, allow
     └── ServiceError         a Gravel server answered with an error, or could not be reached
 
 Every message names the file, layer or value at fault and, where there is one, what to do.
@@ -20,6 +22,7 @@ __all__ = [
     "ArtifactError",
     "KeyMismatchError",
     "InputError",
+    "DepthError",
     "ServiceError",
 ]
 
@@ -46,6 +49,11 @@ class KeyMismatchError(GravelError):
 
 class InputError(GravelError):
     """An input array does not match what the model expects."""
+
+
+class DepthError(GravelError):
+    """A CKKS computation has run out of levels (no bootstrapping: depth is a budget), or no
+    parameter set of the 128-bit security table gives the depth asked for."""
 
 
 class ServiceError(GravelError):
