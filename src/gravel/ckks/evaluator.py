@@ -31,9 +31,27 @@ from gravel.errors import DepthError, InputError, KeyMismatchError
 __all__ = ["Evaluator", "polyval_depth"]
 
 
-def polyval_depth(degree: int) -> int:
-    """Levels `Evaluator.polyval` uses for a polynomial of this degree: ceil(log2(degree + 1))."""
-    return 0 if degree <= 0 else math.ceil(math.log2(degree + 1))
+def _is_small_int(value: float) -> bool:
+    return float(value).is_integer() and abs(value) < 1 << 20
+
+
+def _term_depth(i: int, coeff: float) -> int:
+    """Levels of coeff * x^i evaluated as Evaluator.polyval does: the coefficient multiplies the
+    lowest binary power (free when it is an integer), then the other powers in increasing order."""
+    bits = [j for j in range(i.bit_length()) if i >> j & 1]
+    depth = bits[0] + (0 if _is_small_int(coeff) else 1)
+    for j in bits[1:]:
+        depth = max(depth, j) + 1
+    return depth
+
+
+def polyval_depth(coeffs: Sequence[float] | int) -> int:
+    """Levels `Evaluator.polyval` uses: for a degree (any coefficients) ceil(log2(degree + 1));
+    for given coefficients, less where integer coefficients (x^2, 2x^3) multiply for free."""
+    if isinstance(coeffs, int):
+        return 0 if coeffs <= 0 else math.ceil(math.log2(coeffs + 1))
+    c = [float(v) for v in coeffs]
+    return max([_term_depth(i, v) for i, v in enumerate(c) if i > 0 and v != 0.0], default=0)
 
 
 def _naf(k: int) -> list[int]:
@@ -252,11 +270,12 @@ class Evaluator:
         plain = self.encode(values, a.level, self.product_scale(a.level))
         return self.mul_encoded(a, plain)
 
-    def mul_encoded(self, a: Ciphertext, plain: Any) -> Ciphertext:
-        """Times a plaintext from `encode_for_product(..., a.level)`: one level."""
+    def mul_encoded(self, a: Ciphertext, plain: Any, rescale: bool = True) -> Ciphertext:
+        """Times a plaintext from `encode_for_product(..., a.level)`: one level. Without
+        `rescale`, the raw product (to be summed with others of its kind, then `rescale`d once)."""
         out = sealapi.Ciphertext()
         self._sealev.multiply_plain(a.seal, plain, out)
-        return self.rescale(out)
+        return self.rescale(out) if rescale else self._wrap(out)
 
     def mul_int(self, a: Ciphertext, value: int) -> Ciphertext:
         """Times a (small) integer: exact, no level used."""
@@ -264,6 +283,8 @@ class Evaluator:
         value = int(value)
         if value == 0:
             return self.zeros(a.level)
+        if value == 1:
+            return a
         if abs(value) >= 1 << 20:
             raise InputError(f"integer multiplier {value} is too large; multiply by a float")
         out = sealapi.Ciphertext()
@@ -368,7 +389,7 @@ class Evaluator:
             raise InputError(f"{op}: the polynomial has degree {degree}; it needs degree >= 1")
         if not all(math.isfinite(v) for v in c):
             raise InputError(f"{op}: coefficients must be finite")
-        depth = polyval_depth(degree)
+        depth = polyval_depth(c)
         self._need(a.level, depth, f"{op} (degree {degree})")
         powers = {0: a}  # powers[j] = a^(2^j)
         for j in range(1, degree.bit_length()):
@@ -378,7 +399,7 @@ class Evaluator:
             if c[i] == 0.0:
                 continue
             bits = [j for j in range(i.bit_length()) if i >> j & 1]
-            acc = self.mul_plain(powers[bits[0]], c[i], op)
+            acc = self.mul_scalar(powers[bits[0]], c[i], op)
             for j in bits[1:]:
                 acc = self.mul(acc, powers[j], op)
             terms.append(acc)
