@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from gravel.cli import train_encrypted
 from gravel.errors import GravelError, InputError
 
 warnings.filterwarnings("ignore", message="pkg_resources is deprecated")
@@ -455,6 +456,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--executor", choices=["ray", "local"], default="ray",
                    help="where the server runs inferences (default: embedded Ray)")
     p.set_defaults(func=cmd_demo)
+    train_encrypted.register(sub)
     return parser
 
 
