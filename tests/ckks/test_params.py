@@ -6,7 +6,7 @@ from gravel.ckks import SECURITY_TABLE_128, CkksParams, choose_params, max_depth
 from gravel.errors import DepthError, InputError
 
 
-@pytest.mark.parametrize("depth", range(0, 18))
+@pytest.mark.parametrize("depth", range(18))
 def test_choice_is_secure_and_deep_enough(depth):
     p = choose_params(depth)
     assert p.depth == depth

@@ -195,11 +195,11 @@ class Evaluator:
         return self._wrap(self._snap_scale(out))
 
     # -- arithmetic --------------------------------------------------------------------------
-    def zeros(self, level: int) -> Ciphertext:
+    def zeros(self, level: int, scale: float | None = None) -> Ciphertext:
         """A fresh encryption of 0 in every slot at `level` (public key)."""
         seal = sealapi.Ciphertext()
         self.context.encryptor.encrypt_zero(self.context.parms_id(level), seal)
-        seal.scale = self.context.scale_at(level)
+        seal.scale = self.context.scale_at(level) if scale is None else scale
         return self._wrap(seal)
 
     def _binary(self, fn: Any, a: Ciphertext, b: Ciphertext) -> Ciphertext:
@@ -273,6 +273,10 @@ class Evaluator:
     def mul_encoded(self, a: Ciphertext, plain: Any, rescale: bool = True) -> Ciphertext:
         """Times a plaintext from `encode_for_product(..., a.level)`: one level. Without
         `rescale`, the raw product (to be summed with others of its kind, then `rescale`d once)."""
+        if plain.is_zero():  # values too small for the scale: the product is 0 (SEAL refuses it)
+            if rescale:
+                return self.zeros(a.level - 1)
+            return self.zeros(a.level, a.scale * self.product_scale(a.level))
         out = sealapi.Ciphertext()
         self._sealev.multiply_plain(a.seal, plain, out)
         return self.rescale(out) if rescale else self._wrap(out)

@@ -280,7 +280,8 @@ def _layers(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module | str]]:
         return [(type(model).__name__, model)]
     try:
         graph = torch.fx.symbolic_trace(model).graph
-    except Exception as exc:  # fx raises many kinds on data-dependent Python
+    except (torch.fx.proxy.TraceError, TypeError, ValueError, RuntimeError, AttributeError,
+            NotImplementedError) as exc:  # what fx raises on data-dependent Python
         raise ModelError(f"from_pytorch: {type(model).__name__} is not a Sequential and torch.fx "
                          f"cannot trace it ({exc}); wrap its layers in torch.nn.Sequential") from None
     modules = dict(model.named_modules())

@@ -289,9 +289,9 @@ class EncryptedTensor:
         shape = _broadcast_shape(tuple(self.shape), tuple(other.shape), op)
         la = np.broadcast_to(self.layout, shape)
         lb = np.broadcast_to(other.layout, shape)
-        if np.array_equal(la, lb) and tuple(self.shape) == shape == tuple(other.shape):
-            if len(self.cts) == len(other.cts):
-                return self, other
+        if (np.array_equal(la, lb) and tuple(self.shape) == shape == tuple(other.shape)
+                and len(self.cts) == len(other.cts)):
+            return self, other
         full_a, full_b = tuple(self.shape) == shape, tuple(other.shape) == shape
         if full_a and full_b:
             # move the operand with more levels left into the other's layout

@@ -468,13 +468,15 @@ class TrainResult:
 
 def train_encrypted(features: Any, labels: Any, task: str = "logistic", *, epochs: int,
                     lr: float = 1.0, sigmoid: _approx.Approximation | None = None, depth: int = 4,
-                    precision: int = 16, intercept: bool = True,
+                    precision: int = 16, intercept: bool = True, ctx: Context | None = None,
                     progress: Callable[[int, float], None] | None = None) -> TrainResult:
-    """Run the protocol in one process (the two parties still exchange only bytes)."""
+    """Run the protocol in one process (the two parties still exchange only bytes). `ctx`: the
+    owner's existing context (default: a new one of `depth` with the rotations it needs)."""
     if not isinstance(epochs, int) or epochs < 1:
         raise InputError(f"epochs must be a positive integer, got {epochs!r}")
     t0 = time.perf_counter()
-    owner = DataOwner(features, labels, task, depth=depth, precision=precision, intercept=intercept)
+    owner = DataOwner(features, labels, task, depth=depth, precision=precision,
+                      intercept=intercept, ctx=ctx)
     setup = owner.setup()
     party = ComputeParty(setup, lr=lr, sigmoid=sigmoid)
     result = TrainResult(np.zeros(0), owner.classes, setup_bytes=len(setup),
