@@ -103,3 +103,23 @@ def test_ciphertext_of_other_keys_refused(small):
     deeper = SecretContext.create(choose_params(2), rotation_steps=None)
     with pytest.raises(KeyMismatchError, match="SEAL refused"):
         Ciphertext.from_bytes(small, Evaluator(deeper).encrypt([1.0]).to_bytes())
+
+
+def test_ciphertext_blob_round_trip_and_refusals(small):
+    from gravel.ckks import dump_ciphertexts, load_ciphertexts
+    from gravel.errors import InputError
+
+    ev = Evaluator(small)
+    cts = [ev.encrypt([1.0, 2.0]), ev.encrypt([3.0])]
+    blob = dump_ciphertexts(small, cts, {"input": "x", "batch": 2}, extra=b"layout")
+    pub = small.public()
+    back, head, extra = load_ciphertexts(pub, blob)
+    assert head == {"input": "x", "batch": 2} and extra == b"layout" and len(back) == 2
+    np.testing.assert_allclose(ev.decrypt(Evaluator(pub).add(back[0], back[1]))[:2], [4.0, 2.0], atol=1e-3)
+    with pytest.raises(InputError, match="the blob's own"):
+        dump_ciphertexts(small, cts, {"ciphertexts": 1})
+    with pytest.raises(KeyMismatchError, match="truncated or altered"):
+        load_ciphertexts(pub, blob[:-3])
+    other = SecretContext.create(choose_params(1), rotation_steps=None)
+    with pytest.raises(KeyMismatchError, match="another CKKS context"):
+        load_ciphertexts(other, blob)

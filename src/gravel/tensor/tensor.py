@@ -22,15 +22,14 @@ Levels of two operands are aligned automatically; scales are exact (gravel.ckks.
 
 from __future__ import annotations
 
-import json
 import math
-import struct
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
+from gravel.ckks.blob import dump_ciphertexts, load_ciphertexts
 from gravel.ckks.ciphertext import Ciphertext
 from gravel.ckks.evaluator import polyval_depth
 from gravel.ckks.packing import (
@@ -43,7 +42,6 @@ from gravel.ckks.packing import (
     sum_map,
 )
 from gravel.errors import InputError, KeyMismatchError
-from gravel.protocol.framing import HEADER_SIZE, Kind, frame, unframe
 
 if TYPE_CHECKING:
     from gravel.tensor.approx import Approximation
@@ -52,7 +50,6 @@ if TYPE_CHECKING:
 __all__ = ["EncryptedTensor"]
 
 _FORMAT = 1
-_U32 = struct.Struct("<I")
 _MAX_ELEMENTS = 1 << 26
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -83,7 +80,7 @@ class EncryptedTensor:
     context holding the secret key; send it with `.serialize()` / `EncryptedTensor.load`."""
 
     __slots__ = ("cts", "ctx", "dtype", "layout")
-    __array_priority__ = 1000  # numpy defers `ndarray @ x`, `ndarray * x` to this class
+    __array_ufunc__ = None  # numpy defers `ndarray * x`, `ndarray @ x` to this class's r-methods
 
     def __init__(self, ctx: _TensorContext, cts: Sequence[Ciphertext], layout: np.ndarray,
                  dtype: torch.dtype = torch.float32) -> None:
@@ -588,87 +585,44 @@ class EncryptedTensor:
     def serialize(self) -> bytes:
         """Framed bytes (Kind.CKKS_CIPHERTEXT, named by the SHA-256 of the public context):
         shape, layout and SEAL's ciphertexts (seeded where fresh). No pickle."""
-        slots = self.ctx.slots
-        contiguous = np.array_equal(self.layout, contiguous_layout(self.layout.shape, slots))
-        blobs = [ct.to_bytes() for ct in self.cts]
+        contiguous = np.array_equal(self.layout, contiguous_layout(self.layout.shape, self.ctx.slots))
         head = {
-            "format": _FORMAT,
+            "tensor": _FORMAT,
             "shape": list(self.layout.shape),
             "dtype": "float64" if self.dtype == torch.float64 else "float32",
-            "ciphertexts": [len(b) for b in blobs],
             "layout": "contiguous" if contiguous else "explicit",
         }
-        head_bytes = json.dumps(head, sort_keys=True).encode()
-        parts = [_U32.pack(len(head_bytes)), head_bytes]
-        if not contiguous:
-            parts.append(self.layout.astype("<i8").tobytes())
-        parts += blobs
-        return frame(Kind.CKKS_CIPHERTEXT, self.ctx.digest, b"".join(parts))
+        extra = b"" if contiguous else self.layout.astype("<i8").tobytes()
+        return dump_ciphertexts(self.ctx.keys, self.cts, head, extra)
 
     @classmethod
     def load(cls, ctx: _TensorContext, data: bytes) -> EncryptedTensor:
         """Read `serialize()` bytes under `ctx`; a tensor of another context, a truncated or
         altered blob, or anything that is not an encrypted tensor is refused by name."""
-        if not isinstance(data, (bytes, bytearray, memoryview)):
-            raise InputError(f"EncryptedTensor.load takes bytes, got {type(data).__name__}")
-        data = bytes(data)
-        if len(data) >= HEADER_SIZE and data[:4] == b"GRVL" and data[5] == Kind.CKKS_CIPHERTEXT \
-                and data[6:HEADER_SIZE] != ctx.digest:
-            raise KeyMismatchError(
-                f"encrypted tensor made under another CKKS context (public context "
-                f"{data[6:14].hex()}..., this one is {ctx.digest[:8].hex()}...): load it with the "
-                "context it was encrypted under"
-            )
-        payload = unframe(data, Kind.CKKS_CIPHERTEXT, ctx.digest, what="encrypted tensor")
-        if len(payload) < _U32.size:
-            raise KeyMismatchError("encrypted tensor: truncated header")
-        (n,) = _U32.unpack_from(payload)
-        if n > 1 << 16 or _U32.size + n > len(payload):
-            raise KeyMismatchError("encrypted tensor: header length out of range (truncated?)")
-        try:
-            head = json.loads(payload[_U32.size:_U32.size + n])
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            raise KeyMismatchError("encrypted tensor: header is not JSON") from None
-        shape, sizes, dtype = cls._check_head(head)
-        pos = _U32.size + n
+        cts, head, extra = load_ciphertexts(ctx.keys, data, what="encrypted tensor")
+        shape, dtype = cls._check_head(head)
         slots = ctx.slots
         numel = math.prod(shape)
         if head["layout"] == "contiguous":
+            if extra:
+                raise KeyMismatchError("encrypted tensor: unexpected layout bytes")
             layout = contiguous_layout(shape, slots)
         else:
-            end = pos + 8 * numel
-            if end > len(payload):
-                raise KeyMismatchError("encrypted tensor: layout truncated")
-            layout = np.frombuffer(payload[pos:end], dtype="<i8").astype(np.int64).reshape(shape)
-            pos = end
-        if pos + sum(sizes) != len(payload):
-            raise KeyMismatchError(
-                f"encrypted tensor: {len(payload) - pos} bytes of ciphertexts, the header says "
-                f"{sum(sizes)} (truncated or altered)"
-            )
-        if layout.size and (layout.min() < 0 or layout.max() >= len(sizes) * slots
+            if len(extra) != 8 * numel:
+                raise KeyMismatchError("encrypted tensor: layout size does not match its shape")
+            layout = np.frombuffer(extra, dtype="<i8").astype(np.int64).reshape(shape)
+        if layout.size and (layout.min() < 0 or layout.max() >= len(cts) * slots
                             or len(np.unique(layout)) != layout.size):
             raise KeyMismatchError("encrypted tensor: its layout points outside its ciphertexts "
                                    "or twice at one slot")
-        cts = []
-        for i, size in enumerate(sizes):
-            cts.append(Ciphertext.from_bytes(ctx.keys, payload[pos:pos + size],
-                                             what=f"encrypted tensor, ciphertext {i}"))
-            pos += size
-        if len({ct.level for ct in cts}) > 1:
-            raise KeyMismatchError("encrypted tensor: its ciphertexts are at different levels")
         return cls(ctx, cts, layout, _DTYPES[dtype])
 
     @staticmethod
-    def _check_head(head: Any) -> tuple[tuple[int, ...], list[int], str]:
-        if not isinstance(head, dict) or head.get("format") != _FORMAT:
-            raise KeyMismatchError("encrypted tensor: unknown header format (another Gravel version?)")
-        shape, sizes = head.get("shape"), head.get("ciphertexts")
-        ok = (isinstance(shape, list) and all(isinstance(s, int) and s >= 1 for s in shape)
-              and len(shape) <= 16 and isinstance(sizes, list) and 1 <= len(sizes) <= 1 << 16
-              and all(isinstance(s, int) and s > 0 for s in sizes)
-              and head.get("layout") in ("contiguous", "explicit")
-              and head.get("dtype") in _DTYPES)
+    def _check_head(head: Any) -> tuple[tuple[int, ...], str]:
+        shape = head.get("shape")
+        ok = (head.get("tensor") == _FORMAT and isinstance(shape, list)
+              and all(isinstance(s, int) and s >= 1 for s in shape) and len(shape) <= 16
+              and head.get("layout") in ("contiguous", "explicit") and head.get("dtype") in _DTYPES)
         if not ok or math.prod(shape) > _MAX_ELEMENTS:
-            raise KeyMismatchError("encrypted tensor: malformed header (shape, sizes, layout, dtype)")
-        return tuple(shape), sizes, head["dtype"]
+            raise KeyMismatchError("encrypted tensor: malformed header (not an encrypted tensor?)")
+        return tuple(shape), head["dtype"]
