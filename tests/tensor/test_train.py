@@ -75,6 +75,15 @@ def test_messages_from_another_owner_refused(cancer, gt_ctx):
         ComputeParty(a.setup()[:-5])
 
 
+def test_too_shallow_a_context_is_refused(cancer):
+    import gravel.tensor as gt
+    from gravel.errors import DepthError
+
+    owner = DataOwner(cancer[0][:20], cancer[1][:20], ctx=gt.Context(depth=2, rotations=None))
+    with pytest.raises(DepthError, match=r"one logistic step needs depth 4.*has 2"):
+        ComputeParty(owner.setup())
+
+
 def test_bad_training_input(cancer):
     x, y, _, _ = cancer
     with pytest.raises(InputError, match="one per sample"):

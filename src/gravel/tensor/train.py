@@ -47,7 +47,7 @@ import torch
 
 from gravel.ckks.ciphertext import Ciphertext
 from gravel.ckks.evaluator import polyval_depth
-from gravel.errors import InputError, KeyMismatchError
+from gravel.errors import DepthError, InputError, KeyMismatchError
 from gravel.tensor import approx as _approx
 from gravel.tensor.context import Context, PublicContext
 from gravel.tensor.tensor import EncryptedTensor
@@ -336,6 +336,13 @@ class ComputeParty:
         self.bytes_received = len(setup)
         coeffs = self.sigmoid.coeffs if self.sigmoid else ()
         self.step_depth = 1 + (polyval_depth(list(coeffs)) if self.sigmoid else 1) + 1
+        if self.ctx.depth < self.step_depth:
+            raise DepthError(
+                f"one {task} step needs depth {self.step_depth} (z = Xw 1, "
+                f"{'sigmoid ' + str(self.step_depth - 2) if self.sigmoid else 'lr/n 1'}, gradient 1); "
+                f"the owner's context has {self.ctx.depth}: the data owner must create it with "
+                f"depth >= {self.step_depth}"
+            )
 
     def _receive_weights(self, blob: bytes) -> None:
         w = EncryptedTensor.load(self.ctx, blob)
