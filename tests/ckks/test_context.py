@@ -54,7 +54,8 @@ def test_public_context_computes_and_owner_decrypts(small):
     remote = Ciphertext.from_bytes(pub, ct.to_bytes())
     out = ev_pub.rotate(ev_pub.mul(remote, remote), 1)
     back = Ciphertext.from_bytes(small, out.to_bytes())
-    np.testing.assert_allclose(ev_own.decrypt(back)[:15], (x * x)[1:16], atol=1e-4)
+    # N=4096, depth 1: the rotation's key switch costs a few bits there (see gravel.ckks.params)
+    np.testing.assert_allclose(ev_own.decrypt(back)[:15], (x * x)[1:16], atol=1e-3)
     with pytest.raises(KeyMismatchError, match="needs the secret key"):
         ev_pub.decrypt(remote)
 

@@ -22,7 +22,9 @@ what to change when nothing fits.
 
 Precision, measured with SEAL on this machine (values in [-1, 1], the worst slot of N/2): a fresh
 ciphertext is accurate to about 2^-(scale_bits - log2 N), and a chain of squarings loses about
-3/4 bit per level. `choose_params` sizes the scale from those two facts.
+3/4 bit per level. `choose_params` sizes the scale from those two facts. Rotations and
+relinearisations add key-switching noise that depends on the special prime: where the budget
+leaves it barely above the first prime (N=4096), a rotation costs about 4 of those bits.
 """
 
 from __future__ import annotations
