@@ -301,7 +301,7 @@ class Evaluator:
 
     def mul_scalar(self, a: Ciphertext, value: float, op: str = "a multiplication by a scalar") -> Ciphertext:
         """Times a scalar: free for integers, one level otherwise."""
-        if float(value).is_integer() and abs(value) < 1 << 20 and value != 0:
+        if float(value).is_integer() and abs(value) < 1 << 20:
             return self.mul_int(a, int(value))
         return self.mul_plain(a, float(value), op)
 
