@@ -13,11 +13,15 @@ from typing import Any
 
 from gravel.errors import (
     ArtifactError,
+    BlobFormatError,
+    ClusterError,
     DataError,
     GravelError,
     InputError,
     KeyMismatchError,
     ModelError,
+    ServerAnsweredError,
+    ServerUnreachableError,
     ServiceError,
 )
 
@@ -40,8 +44,10 @@ _LAZY = {
 __all__ = [
     "ArtifactError",
     "AsyncClient",
+    "BlobFormatError",
     "Client",
     "ClientModel",
+    "ClusterError",
     "DataError",
     "GravelError",
     "InputError",
@@ -49,7 +55,9 @@ __all__ = [
     "ModelError",
     "QuantConfig",
     "SecretKeys",
+    "ServerAnsweredError",
     "ServerModel",
+    "ServerUnreachableError",
     "ServiceError",
     "__version__",
     "compile_model",

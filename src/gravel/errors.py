@@ -1,14 +1,25 @@
 """Gravel's exceptions, one tree so callers can catch at the level they care about.
 
     GravelError
-    ├── DataError            a data set file is missing, truncated or not what it claims
-    ├── ModelError           a model uses an operator or setting Gravel cannot compile
-    ├── ArtifactError        an artifact directory is incomplete, altered or of another version
-    ├── KeyMismatchError     keys or ciphertexts belong to another model, or are not keys at all
-    ├── InputError           an input has the wrong shape, dtype or value range
-    ├── DepthError           an encrypted (CKKS) computation needs more multiplicative depth
-    │                        than its parameters, or any secure parameter set, allow
-    └── ServiceError         a Gravel server answered with an error, or could not be reached
+    ├── DataError                a data set file is missing, truncated or not what it claims
+    ├── ModelError               a model uses an operator or setting Gravel cannot compile
+    ├── ArtifactError            an artifact directory is incomplete, altered or of another version
+    ├── KeyMismatchError         keys or ciphertexts belong to another model, or are of another kind
+    │   └── BlobFormatError      the bytes are not a well-formed Gravel blob: truncated, garbled, empty
+    ├── InputError               an input has the wrong shape, dtype or value range
+    ├── DepthError               a CKKS computation needs more multiplicative depth than its
+    │                            parameters, or any secure parameter set, allow
+    ├── ClusterError             the Ray cluster cannot be reached, has no room, or lost the work
+    └── ServiceError             talking to a Gravel server failed (`status`: HTTP status or None)
+        ├── ServerUnreachableError   no answer came: refused, unknown host, timed out, cut off
+        └── ServerAnsweredError      the server answered with an error status (`status` is it)
+
+Split by whose fault it is: a `BlobFormatError` means the bytes are damaged (send them again,
+or from the right file); a bare `KeyMismatchError` means well-formed bytes for another model or
+of another kind (use the keys of this model). A `ServerUnreachableError` is worth retrying
+later; a `ServerAnsweredError` with a 4xx status is the caller's request to fix, a 5xx the
+server's fault. Each subclass keeps its parent's meaning, so code that catches the parent
+still works.
 
 Every message names the file, layer or value at fault and, where there is one, what to do.
 """
@@ -16,13 +27,17 @@ Every message names the file, layer or value at fault and, where there is one, w
 from __future__ import annotations
 
 __all__ = [
-    "GravelError",
-    "DataError",
-    "ModelError",
     "ArtifactError",
-    "KeyMismatchError",
-    "InputError",
+    "BlobFormatError",
+    "ClusterError",
+    "DataError",
     "DepthError",
+    "GravelError",
+    "InputError",
+    "KeyMismatchError",
+    "ModelError",
+    "ServerAnsweredError",
+    "ServerUnreachableError",
     "ServiceError",
 ]
 
@@ -47,6 +62,12 @@ class KeyMismatchError(GravelError):
     """Keys or ciphertexts do not belong to this model, or are not what they claim to be."""
 
 
+class BlobFormatError(KeyMismatchError):
+    """Key or ciphertext bytes are malformed (truncated, garbled, of an unknown framing
+    version): damage in transit or the wrong file, not a key of another model. A subclass of
+    KeyMismatchError because both used to be reported as that."""
+
+
 class InputError(GravelError):
     """An input array does not match what the model expects."""
 
@@ -56,6 +77,10 @@ class DepthError(GravelError):
     parameter set of the 128-bit security table gives the depth asked for."""
 
 
+class ClusterError(GravelError):
+    """The cluster cannot be reached, has no room, or an inference could not complete."""
+
+
 class ServiceError(GravelError):
     """A Gravel server refused a request (`status` is its HTTP status) or could not be reached
     (`status` is None); the message is the server's own explanation."""
@@ -63,3 +88,19 @@ class ServiceError(GravelError):
     def __init__(self, message: str, status: int | None = None) -> None:
         super().__init__(message)
         self.status = status
+
+
+class ServerUnreachableError(ServiceError):
+    """No answer came from the server (connection refused, unknown host, timeout, connection
+    dropped): nothing is known about what it did; `status` is None."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, None)
+
+
+class ServerAnsweredError(ServiceError):
+    """The server answered with an error status (`status`: 4xx for the request's fault, 5xx
+    for the server's) or with a body the SDK cannot read; the message carries its explanation."""
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message, status)

@@ -2,12 +2,12 @@ import numpy as np
 import pytest
 
 from gravel.client import ClientModel, SecretKeys
-from gravel.errors import InputError, KeyMismatchError
+from gravel.errors import BlobFormatError, InputError, KeyMismatchError
 from gravel.protocol import Kind, frame
 
 
 def test_input_validation(client_keys, digits):
-    client, keys = client_keys
+    client, _keys = client_keys
     image = digits.x_test[0]
     assert client.quantize(image).shape == (1, 8, 8)
     assert client.quantize(image[0]).shape == (1, 8, 8)  # (8, 8) is accepted for one channel
@@ -37,22 +37,27 @@ def test_secret_keys_round_trip_and_permissions(tmp_path, client_keys, digits):
 
 
 def test_keys_of_another_model_refused(tmp_path, client_keys):
-    client, keys = client_keys
+    client, _keys = client_keys
     other = frame(Kind.SECRET_KEYS, b"\x01" * 32, b"payload")
     (tmp_path / "other.key").write_bytes(other)
-    with pytest.raises(KeyMismatchError, match="made for another model"):
+    with pytest.raises(KeyMismatchError, match="made for another model") as err:
         SecretKeys.load(tmp_path / "other.key", client)
+    assert not isinstance(err.value, BlobFormatError)  # well-formed, of another model
     (tmp_path / "trunc.key").write_bytes(b"GRV")
-    with pytest.raises(KeyMismatchError, match="missing header"):
+    with pytest.raises(BlobFormatError, match="missing header"):
         SecretKeys.load(tmp_path / "trunc.key", client)
+    (tmp_path / "garbled.key").write_bytes(frame(Kind.SECRET_KEYS, client.digest, b"\x07" * 64))
+    with pytest.raises(BlobFormatError, match="secret keys are corrupt"):
+        SecretKeys.load(tmp_path / "garbled.key", client)
 
 
 def test_decrypt_refuses_input_ciphertext(client_keys, digits):
     client, keys = client_keys
     ct = client.encrypt(keys, digits.x_test[0])
-    with pytest.raises(KeyMismatchError, match="expected output ciphertext, got input ciphertext"):
+    with pytest.raises(KeyMismatchError, match="expected output ciphertext, got input ciphertext") as err:
         client.decrypt(keys, ct)
-    with pytest.raises(KeyMismatchError):
+    assert not isinstance(err.value, BlobFormatError)
+    with pytest.raises(BlobFormatError, match="corrupt or truncated"):
         client.decrypt(keys, frame(Kind.OUTPUT_CIPHERTEXT, client.digest, b"\x00" * 40))
 
 

@@ -1,6 +1,8 @@
 import json
 import shutil
 
+import numpy as np
+
 import pytest
 
 from gravel.compiler import compile_model, load_graph
@@ -12,20 +14,21 @@ def test_artifact_layout_and_manifest(digits_artifact):
     names = sorted(p.name for p in digits_artifact.iterdir())
     assert names == ["client.specs.json", "manifest.json", "server.zip", "weights.npz"]
     m = load_manifest(digits_artifact, role="all")
-    assert m.input["shape"] == [1, 8, 8] and m.input["bits"] == 2
+    assert m.input["shape"] == [1, 8, 8] and m.input["bits"] == 2  # the QAT model's input quantizer
     assert [r["shards"] for r in m.plan] == [4, 1]
-    assert m.data["stats"]["pbs_count"] == 16
+    assert m.data["stats"]["table_lookups"] == 16
     assert not any(p.suffix in (".pkl", ".pickle") for p in digits_artifact.iterdir())
 
 
-def test_graph_round_trips_through_artifact(digits, digits_artifact, digits_checkpoint):
-    from gravel.compiler import load_model_ops, quantize
+def test_program_round_trips_through_artifact(digits, digits_artifact, digits_checkpoint):
+    from gravel.compiler import build
     from gravel.harness.common import calib_images
 
-    ops, _ = load_model_ops(digits_checkpoint)
-    fresh = quantize(ops, calib_images(digits, 200))
+    fresh = build(digits_checkpoint, calib_images(digits, 200)).qgraph
     loaded = load_graph(load_manifest(digits_artifact))
     assert (fresh.predict(digits.x_test) == loaded.predict(digits.x_test)).all()
+    xq = fresh.quantize_input(digits.x_test[:50])
+    assert np.array_equal(fresh.forward_int(xq), loaded.forward_int(xq))
 
 
 def test_tampered_file_is_refused(tmp_path, digits_artifact):

@@ -1,11 +1,22 @@
 import numpy as np
 import pytest
 
-from gravel.compiler import QuantConfig, compile_program, load_model_ops, make_plan, quantize
-from gravel.compiler.quantize import signed_width
+from gravel.compiler import QuantConfig, quantize
+from gravel.compiler.ir import Graph, Node, evaluate
+from gravel.compiler.passes import canonicalise
+from gravel.compiler.plan import make_plan, partition
+from gravel.compiler.program import stage_outputs
+from gravel.compiler.qgraph import signed_width
 from gravel.errors import ModelError
-from gravel.harness.check import simulate
-from gravel.model import build_model, train
+from tests.compiler.graphs import conv_attrs, mlp, residual_cnn
+
+FINE = QuantConfig(in_bits=6, w_bits=7, a_bits=7, tlu_bits=12)
+
+
+def _agreement(g: Graph, x: np.ndarray, cfg: QuantConfig) -> float:
+    c = canonicalise(g)
+    q = quantize(c, x, cfg)
+    return float((q.predict(x) == np.asarray(evaluate(c, x)).argmax(1)).mean())
 
 
 def test_signed_width():
@@ -14,70 +25,107 @@ def test_signed_width():
     assert signed_width(-9, 0) == 5
 
 
-def test_qat_model_quantizes_faithfully(digits, digits_model):
-    import torch
-
-    model, _, _ = digits_model
-    ops, _ = load_model_ops(model)
-    torch_pred = model.eval()(torch.from_numpy(digits.x_test)).argmax(1).numpy()
-    # Without accumulator rounding the integer graph is the QAT model up to tie-breaking.
-    exact = quantize(ops, digits.x_train[:300], QuantConfig(tlu_bits=16))
-    assert (exact.predict(digits.x_test) == torch_pred).mean() > 0.97
-    # Rounding accumulators to 5 bits costs little accuracy.
-    graph = quantize(ops, digits.x_train[:300])
-    acc_torch = (torch_pred == digits.y_test).mean()
-    assert (graph.predict(digits.x_test) == digits.y_test).mean() > acc_torch - 0.05
-    assert graph.input_bits == 2
-    assert all(s.act is None or s.act.bits == 3 for s in graph.stages)
+def test_residual_join_uses_integer_multipliers_not_lookups():
+    rng = np.random.default_rng(0)
+    g = residual_cnn(rng)
+    x = rng.random((200, 1, 8, 8))
+    c = canonicalise(g)
+    q = quantize(c, x)
+    add = q.node("add")
+    assert add.op == "add" and 1 in (add.attrs["ma"], add.attrs["mb"])
+    assert not [n for n in q.nodes if n.name.endswith("_requant")] and not q.notes[1:]
+    assert q.lookups == 4 * 64 * 2 + 4 * 16 * 3  # two ReLU maps, then 3 pairwise maxima per 2x2 window
+    assert _agreement(g, x, FINE) >= 0.95
 
 
-def test_bnn_thresholds_are_exact(digits):
-    """Batch norm + sign folded into integer thresholds: same predictions as the float BNN."""
-    from gravel.compiler import float_forward
-
-    model, _ = build_model("bnn-mlp", digits.image_shape, 10, hidden=[32, 32])
-    train(model, digits, epochs=3, progress=False)
-    ops, _ = load_model_ops(model.eval())
-    graph = quantize(ops, digits.x_train[:300], QuantConfig(tlu_bits=16))
-    float_pred = float_forward(ops, digits.x_test).argmax(1)
-    assert (graph.predict(digits.x_test) == float_pred).mean() >= 0.99
-    assert [s.act.kind for s in graph.stages[:-1]] == ["sign", "sign"]
-
-
-@pytest.mark.parametrize("arch", ["mlp", "cnn", "bnn-mlp", "float-mlp"])
-def test_simulated_program_agrees_with_clear_reference(digits, arch):
-    kw = {"hidden": [16]} if "mlp" in arch else {}
-    model, _ = build_model(arch, digits.image_shape, 10, **kw)
-    train(model, digits, epochs=10, lr=1e-2, progress=False)
-    ops, _ = load_model_ops(model.eval())
-    calib = digits.x_train[:200]
-    graph = quantize(ops, calib)
-    plan = make_plan(graph, 4)
-    # p_error 1e-4: this tests the program against the reference, not the backend's error rate
-    module = compile_program(graph, plan, calib, p_error=1e-4, simulation=True)
-    x = digits.x_test[:60]
-    # Approximate rounding may move an accumulator by one step; near-ties can flip.
-    agreement = (simulate(module, graph, plan, x) == graph.predict(x)).mean()
-    assert agreement >= 0.85
+def test_stage_outputs_equal_the_clear_program_for_any_shard_count():
+    rng = np.random.default_rng(1)
+    g = residual_cnn(rng)
+    x = rng.random((50, 1, 8, 8))
+    q = quantize(canonicalise(g), x)
+    stages = partition(q)
+    xq = q.quantize_input(x)
+    for shards in (1, 2, 4):
+        plan = make_plan(stages, shards)
+        out = stage_outputs(q, stages, plan, xq)[stages[-1].name][0]
+        assert np.array_equal(out, q.forward_int(xq))
+    assert [row.shards for row in make_plan(stages, 4).stages][:1] == [4]  # conv + relu shards
 
 
-def test_plan_gives_16_way_parallelism_for_reference_mlp():
-    from torch import nn
+def test_concat_of_branches_with_different_scales_is_free():
+    rng = np.random.default_rng(2)
+    nodes = [
+        Node("x", "input"),
+        Node("a", "conv", ("x",), conv_attrs(rng, 3, 1)),
+        Node("ra", "act", ("a",), dict(fn="relu")),
+        Node("b", "conv", ("x",), conv_attrs(rng, 2, 1, k=1, pads=(0, 0, 0, 0))),
+        Node("tb", "act", ("b",), dict(fn="tanh")),
+        Node("cat", "concat", ("ra", "tb"), dict(axis=0)),
+        Node("c", "conv", ("cat",), conv_attrs(rng, 4, 5, group=1)),
+        Node("gap", "avgpool", ("c",), dict(kernel=(8, 8), strides=(8, 8))),
+        Node("fl", "reshape", ("gap",), dict(shape=(4,))),
+        Node("fc", "gemm", ("fl",), dict(weight=rng.normal(0, 1, (3, 4)), bias=np.zeros(3))),
+    ]
+    g = Graph(nodes, "fc", (1, 8, 8))
+    g.check()
+    x = rng.random((200, 1, 8, 8))
+    q = quantize(canonicalise(g), x)
+    assert not [n for n in q.nodes if "requant" in n.name]
+    assert _agreement(g, x, FINE) >= 0.95
 
-    model = nn.Sequential(nn.Flatten(), nn.Linear(784, 128), nn.ReLU(), nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 10))
-    ops, _ = load_model_ops(model)
-    graph = quantize(ops, np.random.default_rng(0).random((20, 1, 28, 28)))
-    plan = make_plan(graph)
-    assert [s.shards for s in plan.stages] == [16, 16, 1]
-    assert plan.pbs_count == 128 + 64
-    assert all(s.pbs_per_shard == s.shard_size for s in plan.stages[:2])
+
+def test_per_position_scale_before_a_conv_gets_a_noted_requantization():
+    rng = np.random.default_rng(3)
+    nodes = [
+        Node("x", "input"),
+        Node("p", "avgpool", ("x",), dict(kernel=(3, 3), strides=(1, 1), pads=(1, 1, 1, 1), count_include_pad=0)),
+        Node("c", "conv", ("p",), conv_attrs(rng, 2, 1)),
+        Node("fl", "reshape", ("c",), dict(shape=(128,))),
+        Node("fc", "gemm", ("fl",), dict(weight=rng.normal(0, 1, (3, 128)), bias=np.zeros(3))),
+    ]
+    g = Graph(nodes, "fc", (1, 8, 8))
+    g.check()
+    x = rng.random((100, 1, 8, 8))
+    q = quantize(canonicalise(g), x)
+    assert any("requantizing table lookup" in note and "one positive scale per input channel" in note for note in q.notes)
+    assert _agreement(g, x, FINE) >= 0.9
 
 
-def test_layer_order_errors():
-    from gravel.compiler.ops import ActOp, LinearOp
+def test_binarized_layer_with_sign_is_exact_under_rounding():
+    """Batch norm (negative scales too) + sign on binarized weights: exact integer thresholds."""
+    rng = np.random.default_rng(4)
+    h = 32
+    nodes = [
+        Node("x", "input", attrs={"bits": 2}),
+        Node("fc1", "gemm", ("x",), dict(weight=np.sign(rng.normal(0, 1, (h, 64))), bias=np.zeros(h), w_bits=1)),
+        Node("bn", "affine", ("fc1",), dict(scale=rng.uniform(-1, 1, h), shift=rng.normal(0, 2, h))),
+        Node("s", "act", ("bn",), dict(fn="sign", bits=1)),
+        Node("fc2", "gemm", ("s",), dict(weight=np.sign(rng.normal(0, 1, (10, h))), bias=np.zeros(10), w_bits=1)),
+    ]
+    g = Graph(nodes, "fc2", (64,))
+    g.check()
+    x = np.floor(rng.random((300, 64)) * 3 + 0.5) / 3  # already on the 2-bit grid
+    c = canonicalise(g)
+    q = quantize(c, x, QuantConfig(tlu_bits=3))
+    assert q.node("s").attrs["lsbs"] > 0  # the accumulator really is rounded
+    signs = np.sign(np.asarray(evaluate(c, x, keep=True)["s"]))
+    ints = q.forward_int(q.quantize_input(x), keep=True)["s"]
+    assert np.array_equal(2 * ints - 1, signs)
 
-    x = np.zeros((2, 1, 2, 2))
-    with pytest.raises(ModelError, match="must follow a Linear or Conv2d"):
-        quantize([ActOp("relu", None, None, "r")], x)
-    with pytest.raises(ModelError, match="needs a flat input"):
-        quantize([LinearOp(np.ones((3, 4)), np.zeros(3), None, "fc")], x)
+
+@pytest.mark.parametrize("fn", ["relu", "gelu", "tanh", "sigmoid", "leaky_relu", "square", "elu"])
+def test_activation_families_keep_the_float_argmax(fn):
+    rng = np.random.default_rng(5)
+    g = mlp(rng, dict(fn=fn, params={"alpha": 0.1} if fn == "leaky_relu" else {}))
+    x = rng.random((300, 64))
+    assert _agreement(g, x, FINE) >= 0.95
+
+
+def test_config_and_shape_errors_are_clear():
+    with pytest.raises(ModelError, match="a_bits=9"):
+        QuantConfig(a_bits=9)
+    rng = np.random.default_rng(6)
+    g = canonicalise(mlp(rng, dict(fn="relu")))
+    with pytest.raises(ModelError, match=r"\(7,\) per sample does not fit the model's input \(64,\)"):
+        quantize(g, np.zeros((3, 7)))
+    assert quantize(g, rng.random((20, 1, 8, 8))).input_shape == (64,)  # same count: reshaped

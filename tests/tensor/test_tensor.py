@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import gravel.tensor as gt
-from gravel.errors import DepthError, InputError, KeyMismatchError
+from gravel.errors import BlobFormatError, DepthError, InputError, KeyMismatchError
 
 SETTINGS = settings(max_examples=5, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
@@ -193,3 +193,6 @@ def test_hostile_tensor_blobs_refused(gt_ctx):
             gt.EncryptedTensor.load(gt_ctx, bad)
     with pytest.raises(KeyMismatchError, match="expected ckks ciphertext, got ckks public context"):
         gt.EncryptedTensor.load(gt_ctx, gt_ctx.serialize_public())
+    # damaged bytes and bytes for other keys are told apart (send again / use the right keys)
+    with pytest.raises(BlobFormatError, match="truncated or altered"):
+        gt.EncryptedTensor.load(gt_ctx, good[:-1])

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from gravel.ckks.ciphertext import Ciphertext
-from gravel.errors import InputError, KeyMismatchError
+from gravel.errors import BlobFormatError, InputError, KeyMismatchError
 from gravel.protocol.framing import HEADER_SIZE, Kind, frame, unframe
 
 if TYPE_CHECKING:
@@ -59,24 +59,24 @@ def load_ciphertexts(context: _KeyedContext, data: bytes, what: str = "ciphertex
         )
     payload = unframe(data, Kind.CKKS_CIPHERTEXT, context.digest, what=what)
     if len(payload) < _U32.size:
-        raise KeyMismatchError(f"{what}: truncated header")
+        raise BlobFormatError(f"{what}: truncated header")
     (n,) = _U32.unpack_from(payload)
     if n > 1 << 16 or _U32.size + n > len(payload):
-        raise KeyMismatchError(f"{what}: header length out of range (truncated?)")
+        raise BlobFormatError(f"{what}: header length out of range (truncated?)")
     try:
         head = json.loads(payload[_U32.size:_U32.size + n])
     except (UnicodeDecodeError, json.JSONDecodeError):
-        raise KeyMismatchError(f"{what}: header is not JSON") from None
+        raise BlobFormatError(f"{what}: header is not JSON") from None
     if not isinstance(head, dict) or head.get("format") != _FORMAT:
         raise KeyMismatchError(f"{what}: unknown header format (another Gravel version?)")
     sizes, extra_len = head.get("ciphertexts"), head.get("extra")
     if not (isinstance(sizes, list) and 1 <= len(sizes) <= _MAX_CIPHERTEXTS
             and all(isinstance(s, int) and s > 0 for s in sizes)
             and isinstance(extra_len, int) and extra_len >= 0):
-        raise KeyMismatchError(f"{what}: malformed header (ciphertext sizes)")
+        raise BlobFormatError(f"{what}: malformed header (ciphertext sizes)")
     pos = _U32.size + n
     if pos + extra_len + sum(sizes) != len(payload):
-        raise KeyMismatchError(
+        raise BlobFormatError(
             f"{what}: {len(payload) - pos} bytes after the header, the header says "
             f"{extra_len + sum(sizes)} (truncated or altered)"
         )

@@ -34,7 +34,7 @@ from tenseal import sealapi
 from gravel.ckks._sealbytes import SEAL_ERRORS, load_into, to_bytes
 from gravel.ckks._tenseal_proto import ContextProto
 from gravel.ckks.params import CkksParams
-from gravel.errors import InputError, KeyMismatchError
+from gravel.errors import BlobFormatError, InputError, KeyMismatchError
 from gravel.protocol.framing import HEADER_SIZE, Kind, frame, unframe
 
 __all__ = [
@@ -187,8 +187,12 @@ class PublicContext(_KeyedContext):
             raise InputError(f"a public context is bytes, got {type(data).__name__}")
         data = bytes(data)
         payload = data[HEADER_SIZE:] if len(data) > HEADER_SIZE else b""
-        payload = unframe(data, Kind.CKKS_PUBLIC_CONTEXT, hashlib.sha256(payload).digest(),
-                          what="CKKS public context")
+        digest = hashlib.sha256(payload).digest()
+        if len(data) > HEADER_SIZE and data[:4] == b"GRVL" and data[5] == Kind.CKKS_PUBLIC_CONTEXT \
+                and data[6:HEADER_SIZE] != digest:
+            raise BlobFormatError("CKKS public context: damaged or truncated (its SHA-256 does not "
+                                  "match the digest in its header): send it again")
+        payload = unframe(data, Kind.CKKS_PUBLIC_CONTEXT, digest, what="CKKS public context")
         meta, proto_bytes = _split_meta(payload)
         params = CkksParams.from_json(meta.get("params", {}))
         steps = meta.get("rotation_steps")
@@ -199,7 +203,7 @@ class PublicContext(_KeyedContext):
         try:
             tctx = ts.Context.load(proto_bytes)
         except SEAL_ERRORS as exc:
-            raise KeyMismatchError(f"CKKS public context: TenSEAL could not load it ({exc})") from None
+            raise BlobFormatError(f"CKKS public context: TenSEAL could not load it ({exc})") from None
         if tctx.has_secret_key():  # _check_no_secret makes this unreachable; kept as a guard
             raise KeyMismatchError("CKKS public context holds a secret key; refusing it")
         ctx = cls(params, tctx, steps_t, payload)
@@ -285,14 +289,14 @@ def _join_meta(meta: dict[str, Any], proto: bytes) -> bytes:
 
 def _split_meta(payload: bytes) -> tuple[dict[str, Any], bytes]:
     if len(payload) < _META.size:
-        raise KeyMismatchError("CKKS public context: truncated header")
+        raise BlobFormatError("CKKS public context: truncated header")
     (n,) = _META.unpack_from(payload)
     if n > 1 << 20 or _META.size + n > len(payload):
-        raise KeyMismatchError("CKKS public context: header length out of range (truncated?)")
+        raise BlobFormatError("CKKS public context: header length out of range (truncated?)")
     try:
         meta = json.loads(payload[_META.size:_META.size + n])
     except (UnicodeDecodeError, json.JSONDecodeError):
-        raise KeyMismatchError("CKKS public context: header is not JSON") from None
+        raise BlobFormatError("CKKS public context: header is not JSON") from None
     if not isinstance(meta, dict) or meta.get("format") != _FORMAT:
         raise KeyMismatchError(
             f"CKKS public context: format {meta.get('format') if isinstance(meta, dict) else '?'},"
@@ -307,7 +311,7 @@ def _check_no_secret(proto_bytes: bytes) -> None:
     try:
         proto.ParseFromString(proto_bytes)
     except DecodeError:
-        raise KeyMismatchError("CKKS public context: not a TenSEAL context message") from None
+        raise BlobFormatError("CKKS public context: not a TenSEAL context message") from None
     if proto.HasField("private_context"):
         raise KeyMismatchError(
             "CKKS public context: it carries a SECRET key; a secret key must never be sent. "

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from gravel.client.model import ClientModel, SecretKeys
-from gravel.errors import ServiceError
+from gravel.errors import ServerAnsweredError
 from gravel.protocol.manifest import CLIENT_FILES, MANIFEST
 
 __all__ = ["ModelCache", "default_cache_dir"]
@@ -55,8 +55,9 @@ class ModelCache:
     def client_model(self) -> ClientModel:
         model = ClientModel.load(self.dir)
         if model.digest.hex() != self.digest:
-            raise ServiceError(f"the server's client spec for this model does not match its digest "
-                               f"{self.digest[:16]}...; refusing to encrypt for it")
+            # The server answered, but with files that contradict each other: its fault, not ours.
+            raise ServerAnsweredError(f"the server's client spec for this model does not match its digest "
+                                      f"{self.digest[:16]}...; refusing to encrypt for it", 200)
         return model
 
     def keys(self, model: ClientModel) -> SecretKeys:

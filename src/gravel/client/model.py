@@ -8,8 +8,9 @@ from pathlib import Path
 
 import numpy as np
 
-from gravel.errors import InputError, KeyMismatchError
+from gravel.errors import BlobFormatError, KeyMismatchError
 from gravel.protocol import Kind, Manifest, frame, load_manifest, unframe
+from gravel.protocol.quantization import InputQuantizer
 
 __all__ = ["ClientModel", "SecretKeys"]
 
@@ -52,7 +53,7 @@ class SecretKeys:
         try:
             keys = fhe.Keys.deserialize(payload)
         except Exception as exc:  # noqa: BLE001 - the backend raises RuntimeError and others
-            raise KeyMismatchError(f"{path}: secret keys are corrupt ({exc})") from exc
+            raise BlobFormatError(f"{path}: secret keys are corrupt ({exc})") from exc
         return SecretKeys(keys, model.digest)
 
 
@@ -66,10 +67,10 @@ class ClientModel:
         self.digest = manifest.digest
         specs = fhe.ClientSpecs.deserialize(manifest.path("client.specs.json").read_bytes())
         self._client = fhe.Client(specs)
-        self.input_shape = tuple(manifest.input["shape"])
-        self.input_bits = int(manifest.input["bits"])
-        self.first = manifest.stages[0]["name"]
-        self.last = manifest.stages[-1]["name"]
+        self.quantizer = InputQuantizer.from_json(manifest.input)
+        self.input_shape = self.quantizer.shape
+        self.first = manifest.input_function
+        self.last = manifest.output_function
         self.out_scale = np.asarray(manifest.output["scale"])
         self.out_offset = np.asarray(manifest.output["offset"])
 
@@ -85,25 +86,9 @@ class ClientModel:
         return SecretKeys(keys, self.digest)
 
     def quantize(self, image: np.ndarray) -> np.ndarray:
-        """Validate one image (float in [0, 1] or uint8) and quantize it as the model expects."""
-        x = np.asarray(image)
-        if x.dtype == np.uint8:
-            x = x.astype(np.float32) / 255.0
-        elif not np.issubdtype(x.dtype, np.floating):
-            raise InputError(f"image dtype {x.dtype}: expected float pixels in [0, 1] or uint8 0-255")
-        if x.shape != self.input_shape:
-            if x.size == int(np.prod(self.input_shape)) and x.squeeze().shape == tuple(
-                d for d in self.input_shape if d != 1
-            ):
-                x = x.reshape(self.input_shape)
-            else:
-                raise InputError(f"image shape {x.shape}: this model expects {self.input_shape}")
-        if not np.all(np.isfinite(x)):
-            raise InputError("image contains NaN or infinite values")
-        if x.min() < 0.0 or x.max() > 1.0:
-            raise InputError(f"pixel values span [{x.min():.3g}, {x.max():.3g}]: expected [0, 1]")
-        levels = 2**self.input_bits - 1
-        return np.floor(x * levels + 0.5).astype(np.int64)
+        """Validate one input (floats, or uint8 grey levels) and quantize it as the model
+        expects; the rule is the manifest's (gravel.protocol.quantization)."""
+        return self.quantizer.quantize(image)
 
     def encrypt(self, keys: SecretKeys, image: np.ndarray) -> bytes:
         self._check(keys)
@@ -122,7 +107,7 @@ class ClientModel:
             self._client.keys = keys._keys
             acc = np.asarray(self._client.decrypt(value, function_name=self.last))
         except Exception as exc:  # noqa: BLE001 - backend errors become one clear message
-            raise KeyMismatchError(f"output ciphertext cannot be decrypted: corrupt or truncated ({exc})") from exc
+            raise BlobFormatError(f"output ciphertext cannot be decrypted: corrupt or truncated ({exc})") from exc
         return acc * self.out_scale + self.out_offset
 
     def predict(self, keys: SecretKeys, ciphertext: bytes) -> int:

@@ -18,19 +18,15 @@ from pathlib import Path
 from typing import Any, Callable
 
 from gravel.cluster.trace import InferenceTrace, ShardRecord
-from gravel.errors import GravelError, KeyMismatchError
+from gravel.errors import ClusterError, KeyMismatchError
 from gravel.protocol import Kind, frame, load_manifest, unframe
-from gravel.protocol.manifest import CLIENT_FILES, MANIFEST, SERVER_FILES
+from gravel.protocol.manifest import CLIENT_FILES, INPUT, MANIFEST, SERVER_FILES, stage_arguments
 from gravel.server.runner import parse_blob
 
 __all__ = ["ClusterError", "RayExecutor"]
 
 MAX_ATTEMPTS = 3
 CPU_WAIT_S = 5.0  # actors killed a moment ago release their CPUs asynchronously
-
-
-class ClusterError(GravelError):
-    """The cluster cannot be reached, has no room, or an inference could not complete."""
 
 
 def _check_address(address: str) -> None:
@@ -202,12 +198,13 @@ class RayExecutor:
         payload, _ = parse_blob(ciphertext, Kind.INPUT_CIPHERTEXT, self.digest)
         keys_box = [self._sessions[session]]
         trace = InferenceTrace(started=time.time())
-        parts = [ray.put(payload)]
+        outputs: dict[str, list] = {INPUT: [ray.put(payload)]}
         for stage_index, row in enumerate(self.manifest.plan):
-            parts = self._run_stage(session, keys_box, stage_index, row, parts, trace)
+            parts = stage_arguments(row, outputs)
+            outputs[row["name"]] = self._run_stage(session, keys_box, stage_index, row, parts, trace)
             if progress is not None:
                 progress(stage_index + 1, len(self.manifest.plan))
-        out = ray.get(parts[0])
+        out = ray.get(outputs[self.manifest.plan[-1]["name"]][0])
         trace.finished = time.time()
         return frame(Kind.OUTPUT_CIPHERTEXT, self.digest, out), trace
 

@@ -1,8 +1,9 @@
-"""Write a compiled model as an artifact directory, and read its integer graph back.
+"""Write a compiled model as an artifact directory, and read its integer program back.
 
 The directory is built next to its destination and renamed into place, so an interrupted or
 failed compile never leaves a half-written artifact, and an existing one is replaced only when
-asked and only once the new one is complete.
+asked and only once the new one is complete. The integer program is JSON in the manifest with
+its arrays in `weights.npz` (read with allow_pickle=False): nothing in an artifact is a pickle.
 """
 
 from __future__ import annotations
@@ -16,13 +17,13 @@ from typing import Any
 
 import numpy as np
 
-from gravel.compiler.graph import Activation, IntGraph, Stage
-from gravel.compiler.plan import ShardPlan
+from gravel.compiler.plan import INPUT, ShardPlan, Stage
 from gravel.compiler.program import FUSED, fused_compatible
+from gravel.compiler.qgraph import QGraph, QNode
 from gravel.errors import ArtifactError
 from gravel.protocol.manifest import FORMAT_VERSION, Manifest, concrete_version, file_sha256, load_manifest
 
-__all__ = ["load_graph", "write_artifact"]
+__all__ = ["load_graph", "load_program", "write_artifact"]
 
 
 def backend_pbs_count(module: Any, plan: ShardPlan) -> int:
@@ -30,30 +31,53 @@ def backend_pbs_count(module: Any, plan: ShardPlan) -> int:
     return sum(getattr(module, s.name).programmable_bootstrap_count * s.shards for s in plan.stages)
 
 
-def _stage_json(stage: Stage) -> dict[str, Any]:
-    return {
-        "name": stage.name,
-        "source": stage.source,
-        "kind": stage.kind,
-        "in_shape": list(stage.in_shape),
-        "out_shape": list(stage.out_shape),
-        "prefix": [list(p) for p in stage.prefix],
-        "weight_shape": list(stage.weight.shape),
-        "stride": stage.stride,
-        "padding": stage.padding,
-        "act": stage.act.to_json() if stage.act else None,
-        "lsbs": stage.lsbs,
-        "exact_rounding": stage.exact_rounding,
-        "acc_range": list(stage.acc_range),
-        "acc_bits": stage.acc_bits,
-        "tlu_bits": stage.acc_bits - stage.lsbs if stage.act else 0,
-        "pbs": stage.pbs_count,
-    }
+def _encode(value: Any, key: str, arrays: dict[str, np.ndarray]) -> Any:
+    """JSON form of an attribute; arrays go to `arrays` under `key` and leave a reference."""
+    if isinstance(value, np.ndarray):
+        arrays[key] = value
+        return {"__array__": key}
+    if isinstance(value, dict):
+        return {k: _encode(v, f"{key}.{k}", arrays) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_encode(v, f"{key}.{i}", arrays) for i, v in enumerate(value)]
+    if isinstance(value, (np.integer, np.bool_)):
+        return value.item()
+    if isinstance(value, np.floating):
+        return float(value)
+    return value
+
+
+def _decode(value: Any, arrays: dict[str, np.ndarray]) -> Any:
+    if isinstance(value, dict):
+        if set(value) == {"__array__"}:
+            try:
+                return arrays[value["__array__"]]
+            except KeyError:
+                raise ArtifactError(f"weights.npz lacks the array {value['__array__']!r}") from None
+        return {k: _decode(v, arrays) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_decode(v, arrays) for v in value]
+    return value
+
+
+_TUPLE_ATTRS = ("in_shape", "kernel", "strides", "pads", "dilations", "perm", "shape")
+
+
+def program_json(graph: QGraph, arrays: dict[str, np.ndarray]) -> dict[str, Any]:
+    nodes = [
+        {
+            "name": n.name, "op": n.op, "inputs": list(n.inputs), "source": n.source, "shape": list(n.shape),
+            "range": [n.lo, n.hi], "attrs": _encode(n.attrs, n.name, arrays),
+        }
+        for n in graph.nodes
+    ]
+    return {"nodes": nodes, "output": graph.output, "notes": graph.notes}
 
 
 def write_artifact(
     out: str | Path,
-    graph: IntGraph,
+    graph: QGraph,
+    stages: list[Stage],
     plan: ShardPlan,
     module: Any,
     model_info: dict[str, Any],
@@ -68,31 +92,31 @@ def write_artifact(
     try:
         module.server.save(tmp / "server.zip")
         (tmp / "client.specs.json").write_bytes(module.client.specs.serialize())
-        arrays = {}
-        for stage in graph.stages:
-            arrays[f"{stage.name}.w"] = stage.weight_matrix()
-            arrays[f"{stage.name}.b"] = stage.bias
+        arrays: dict[str, np.ndarray] = {}
+        program = program_json(graph, arrays)
         with open(tmp / "weights.npz", "wb") as f:
             np.savez(f, **arrays)
         files = {n: file_sha256(tmp / n) for n in ("server.zip", "client.specs.json", "weights.npz")}
+        first = next(s.name for s in stages if INPUT in s.inputs)
         manifest = {
             "format": "gravel-artifact",
             "format_version": FORMAT_VERSION,
             "gravel_version": version("gravel"),
             "backend": {"name": "concrete", "concrete_python": concrete_version(), "p_error": p_error},
             "model": model_info,
-            "input": {
-                "shape": list(graph.input_shape),
-                "dtype": "float32",
-                "range": [0.0, 1.0],
-                "bits": graph.input_bits,
-            },
+            "input": dict(graph.input_quant, range=[graph.input_quant["lo"], _hi(graph.input_quant)]),
             "output": {
                 "num_classes": int(len(graph.output_scale)),
                 "scale": [float(v) for v in graph.output_scale],
                 "offset": [float(v) for v in graph.output_offset],
             },
-            "stages": [_stage_json(s) for s in graph.stages],
+            "io": {"input_function": first, "output_function": stages[-1].name},
+            "program": program,
+            "stages": [
+                {"name": s.name, "nodes": [n.name for n in s.nodes], "inputs": list(s.inputs), "reads": list(s.reads),
+                 "lookups": s.lookups, "source": ", ".join(dict.fromkeys(n.source for n in s.nodes))}
+                for s in stages
+            ],
             "plan": plan.to_json(),
             "stats": {
                 "pbs_count": backend_pbs_count(module, plan),
@@ -101,9 +125,9 @@ def write_artifact(
             },
             "files": files,
         }
-        if fused_compatible(module, graph):
+        if fused_compatible(module, plan):
             manifest["fused"] = {"function": FUSED}
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
         if out.exists():
             old = out.with_name(out.name + ".old")
             shutil.rmtree(old, ignore_errors=True)
@@ -118,39 +142,33 @@ def write_artifact(
     return load_manifest(out, role="all")
 
 
-def load_graph(manifest: Manifest) -> IntGraph:
-    """The clear integer graph of an artifact, for reference predictions (check, bench)."""
+def _hi(iq: dict[str, Any]) -> float:
+    return float(iq["lo"]) + float(iq["step"]) * (2 ** int(iq["bits"]) - 1)
+
+
+def load_program(manifest: Manifest) -> tuple[QGraph, list[Stage]]:
+    """The integer program and its stages, from an artifact (server side: weights.npz)."""
     with np.load(manifest.path("weights.npz"), allow_pickle=False) as npz:
         arrays = {k: npz[k] for k in npz.files}
-    stages = []
-    for row in manifest.stages:
-        w = arrays[f"{row['name']}.w"]
-        if row["kind"] == "conv":
-            w = np.ascontiguousarray(w.T.reshape(row["weight_shape"]))
-        act = Activation(**row["act"]) if row["act"] else None
-        stages.append(
-            Stage(
-                name=row["name"],
-                source=row["source"],
-                kind=row["kind"],
-                in_shape=tuple(row["in_shape"]),
-                prefix=[tuple(p) for p in row["prefix"]],
-                weight=w,
-                bias=arrays[f"{row['name']}.b"],
-                stride=row["stride"],
-                padding=row["padding"],
-                act=act,
-                lsbs=row["lsbs"],
-                acc_range=tuple(row["acc_range"]),
-                acc_bits=row["acc_bits"],
-                exact_rounding=row["exact_rounding"],
-            )
-        )
+    data = manifest.data["program"]
+    nodes = []
+    for row in data["nodes"]:
+        attrs = _decode(row["attrs"], arrays)
+        for key in _TUPLE_ATTRS:
+            if key in attrs and isinstance(attrs[key], list):
+                attrs[key] = tuple(attrs[key])
+        nodes.append(QNode(row["name"], row["op"], tuple(row["inputs"]), attrs, row["source"], tuple(row["shape"]),
+                           row["range"][0], row["range"][1]))
     out = manifest.output
-    return IntGraph(
-        tuple(manifest.input["shape"]),
-        manifest.input["bits"],
-        stages,
-        np.asarray(out["scale"]),
-        np.asarray(out["offset"]),
-    )
+    inp = {k: v for k, v in manifest.input.items() if k != "range"}
+    graph = QGraph(nodes, data["output"], tuple(inp["shape"]), inp, np.asarray(out["scale"]),
+                   np.asarray(out["offset"]), notes=list(data.get("notes", [])))
+    by_name = {n.name: n for n in nodes}
+    stages = [Stage(s["name"], [by_name[n] for n in s["nodes"]], list(s["inputs"]), list(s["reads"]))
+              for s in manifest.stages]
+    return graph, stages
+
+
+def load_graph(manifest: Manifest) -> QGraph:
+    """The clear integer program of an artifact, for reference predictions (check, bench)."""
+    return load_program(manifest)[0]

@@ -1,8 +1,13 @@
-"""The shard plan: how each stage's output channels are cut into independent shards.
+"""Partition an integer program into stages, and cut stages into shards.
 
-All shards of a stage have the same size (a divisor of its channel count), so one compiled
-function serves them all with the shard's weights as clear arguments, and their costs (table
-lookups) are equal by construction. The output stage has no table lookups and stays whole.
+A stage ends at a table lookup (a `lut`, a `maxpool`), at a value read by several nodes, or at
+the output: each stage is one function of the backend program, reading the outputs of earlier
+stages (or the client's input) and producing one tensor. A stage of the form
+"data movement -> Gemm/Conv -> lookup with one table" on a single input is shardable: its
+output channels are independent, so equal slices of them run as shards of one compiled
+function that takes the slice's weights and bias as clear arguments. Any other stage is one
+shard with its constants compiled in. Shards of a stage have equal sizes (a divisor of its
+channel count), so their costs are equal by construction.
 """
 
 from __future__ import annotations
@@ -11,28 +16,125 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from gravel.compiler.graph import IntGraph, Stage
+from gravel.compiler.qgraph import QGraph, QNode
 
-__all__ = ["DEFAULT_MAX_SHARDS", "ShardPlan", "StagePlan", "make_plan"]
+__all__ = ["DEFAULT_MAX_SHARDS", "ShardPlan", "Stage", "StagePlan", "make_plan", "partition", "shard_weights"]
 
 DEFAULT_MAX_SHARDS = 16
+INPUT = "input"
+_MOVES = ("reshape", "transpose", "pad", "sumpool")
+
+
+@dataclass
+class Stage:
+    """One function of the program: `nodes` in order, the last producing the stage's output."""
+
+    name: str
+    nodes: list[QNode]
+    inputs: list[str]  # stage names (or "input") whose outputs this stage reads, in argument order
+    reads: list[str]  # the integer node each of `inputs` stands for
+
+    @property
+    def output(self) -> QNode:
+        return self.nodes[-1]
+
+    @property
+    def linear(self) -> QNode | None:
+        found = [n for n in self.nodes if n.op == "linear"]
+        return found[0] if len(found) == 1 else None
+
+    @property
+    def shardable(self) -> bool:
+        """Data movement on one input, then one Gemm/Conv, then a lookup with one table."""
+        lin = self.linear
+        if lin is None or len(self.inputs) != 1 or self.output.op != "lut":
+            return False
+        if len(lin.shape) != 1 and lin.attrs["kind"] == "gemm":
+            return False
+        ops = [n.op for n in self.nodes]
+        k = ops.index("linear")
+        lut = self.output.attrs
+        uniform = all(np.ndim(lut[key]) == 0 for key in ("in_scale", "in_offset"))
+        return all(op in _MOVES for op in ops[:k]) and ops[k + 1 :] == ["lut"] and uniform
+
+    @property
+    def channels(self) -> int:
+        return self.output.shape[0]
+
+    @property
+    def lookups(self) -> int:
+        return sum(n.lookups for n in self.nodes)
+
+
+def partition(graph: QGraph) -> list[Stage]:
+    """Stages in execution order."""
+    users: dict[str, list[QNode]] = {n.name: [] for n in graph.nodes}
+    for n in graph.nodes:
+        for i in n.inputs:
+            users[i].append(n)
+    cuts = {graph.output}
+    for n in graph.nodes:
+        if n.op in ("lut", "maxpool") or len(users[n.name]) > 1:
+            cuts.add(n.name)
+    cuts.discard(INPUT)
+    owner: dict[str, str] = {INPUT: INPUT}
+    stages: list[Stage] = []
+    by_name = {n.name: n for n in graph.nodes}
+    for n in graph.nodes:
+        if n.name not in cuts:
+            continue
+        members: set[str] = set()
+        stack = [n.name]
+        while stack:
+            m = stack.pop()
+            if m in members or m == INPUT or (m in cuts and m != n.name):
+                continue
+            members.add(m)
+            stack.extend(by_name[m].inputs)
+        nodes = [x for x in graph.nodes if x.name in members]
+        reads: list[str] = []
+        for x in nodes:
+            for i in x.inputs:
+                if i not in members and i not in reads:
+                    reads.append(i)
+        name = f"stage{len(stages)}"
+        for x in nodes:
+            owner[x.name] = name
+        stages.append(Stage(name, nodes, [owner[r] for r in reads], reads))
+    # the client encrypts one input for one function: a second reader gets it through a relay
+    readers = [s for s in stages if INPUT in s.inputs]
+    if len(readers) > 1:
+        relay = Stage("relay", [], [INPUT], [INPUT])
+        for s in readers:
+            s.inputs = ["relay" if i == INPUT else i for i in s.inputs]
+        stages.insert(0, relay)
+        for k, s in enumerate(stages):
+            old = s.name
+            s.name = f"stage{k}"
+            for t in stages:
+                t.inputs = [s.name if i == old else i for i in t.inputs]
+    return stages
 
 
 @dataclass(frozen=True)
 class StagePlan:
     name: str
-    in_parts: int  # encrypted arguments: the previous stage's shard outputs
+    inputs: tuple[str, ...]  # stages (or "input") whose shard outputs are this stage's arguments
+    in_parts: int  # encrypted arguments: all shards of every input, in order
     shards: int
     shard_size: int  # output channels per shard
     pbs_per_shard: int
+    shardable: bool
 
     def to_json(self) -> dict:
         return {
             "name": self.name,
+            "inputs": list(self.inputs),
             "in_parts": self.in_parts,
             "shards": self.shards,
             "shard_size": self.shard_size,
             "pbs_per_shard": self.pbs_per_shard,
+            "shardable": self.shardable,
         }
 
 
@@ -45,7 +147,7 @@ class ShardPlan:
 
     @staticmethod
     def from_json(rows: list[dict]) -> ShardPlan:
-        return ShardPlan(tuple(StagePlan(**row) for row in rows))
+        return ShardPlan(tuple(StagePlan(**{**row, "inputs": tuple(row["inputs"])}) for row in rows))
 
     @property
     def pbs_count(self) -> int:
@@ -56,24 +158,28 @@ def _largest_divisor_at_most(n: int, cap: int) -> int:
     return max(d for d in range(1, min(n, cap) + 1) if n % d == 0)
 
 
-def make_plan(graph: IntGraph, max_shards: int = DEFAULT_MAX_SHARDS) -> ShardPlan:
+def make_plan(stages: list[Stage], max_shards: int = DEFAULT_MAX_SHARDS) -> ShardPlan:
     rows = []
-    in_parts = 1
-    for stage in graph.stages:
-        shards = 1 if stage.act is None else _largest_divisor_at_most(stage.out_channels, max_shards)
-        size = stage.out_channels // shards
-        rows.append(StagePlan(stage.name, in_parts, shards, size, size * stage.positions if stage.act else 0))
-        in_parts = shards
+    shards_of = {INPUT: 1}
+    for st in stages:
+        in_parts = sum(shards_of[i] for i in st.inputs)
+        if st.shardable:
+            shards = _largest_divisor_at_most(st.channels, max_shards)
+        else:
+            shards = 1
+        size = st.channels // shards if st.nodes else 0
+        rows.append(StagePlan(st.name, tuple(st.inputs), in_parts, shards, size, st.lookups // shards, st.shardable))
+        shards_of[st.name] = shards
     return ShardPlan(tuple(rows))
 
 
 def shard_weights(stage: Stage, shards: int, index: int) -> tuple[np.ndarray, np.ndarray]:
-    """The contiguous weight columns and bias of one shard.
+    """The contiguous weight columns and bias of one shard of a shardable stage.
 
     Contiguity matters: concrete-python 2.11 misreads non-contiguous numpy views passed as
-    clear arguments (a column slice gives wrong results without any error).
-    """
-    size = stage.out_channels // shards
+    clear arguments (a column slice gives wrong results without any error)."""
+    lin = stage.linear
+    size = stage.channels // shards
     cols = slice(index * size, (index + 1) * size)
-    w = np.ascontiguousarray(stage.weight_matrix()[:, cols], dtype=np.int64)
-    return w, np.ascontiguousarray(stage.bias[cols], dtype=np.int64)
+    w = np.ascontiguousarray(lin.attrs["weight"][:, cols], dtype=np.int64)
+    return w, np.ascontiguousarray(lin.attrs["bias"][cols], dtype=np.int64)

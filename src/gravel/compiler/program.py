@@ -1,25 +1,28 @@
-"""The integer graph as a concrete-python module: one FHE function per stage.
+"""Lower the integer program to a concrete-python module: one FHE function per stage.
 
-Function `stageK` takes the previous stage's shard outputs as separate encrypted arguments
-(`x0`..`x{m-1}`, concatenated inside) plus one shard's weights `w` and bias `b` as clear
-arguments, so a single compiled function evaluates every shard of its stage, in any process
-that holds the server program and the evaluation keys. `fhe.Wired` declares which outputs feed
-which inputs, so all functions share one key set and shard outputs are valid next-stage inputs.
+Function `stageK` takes every shard output of the stages it reads as separate encrypted
+arguments (`x0`..`x{m-1}`, concatenated per input inside). A shardable stage also takes one
+shard's weights `w` and bias `b` as clear arguments, so a single compiled function evaluates
+every shard of its stage, in any process that holds the server program and the evaluation
+keys; other stages have their constants compiled in. `fhe.Wired` declares which outputs feed
+which inputs, so all functions share one key set and shard outputs are valid inputs of the
+stages that read them. The optional `fused` function runs the whole network in one call.
 """
 
 from __future__ import annotations
 
 import inspect
+import json
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
-from gravel.compiler.graph import IntGraph, NumpyBackend, Stage, stage_forward
-from gravel.compiler.plan import ShardPlan, shard_weights
+from gravel.compiler.plan import INPUT, ShardPlan, Stage, shard_weights
+from gravel.compiler.qgraph import NumpyBackend, QGraph, TraceBackend, run_node
 from gravel.errors import ModelError
 
-__all__ = ["DEFAULT_P_ERROR", "FUSED", "TraceBackend", "compile_program", "fused_compatible", "inputsets"]
+__all__ = ["DEFAULT_P_ERROR", "FUSED", "compile_program", "fused_compatible", "run_stage"]
 
 # Name of the optional whole-network function (see compile_program's `fused`).
 FUSED = "fused"
@@ -29,150 +32,153 @@ FUSED = "fused"
 DEFAULT_P_ERROR = 0.01
 
 
-class TraceBackend:
-    """Stage operations on one sample under concrete's tracer."""
-
-    batched = False
-
-    def concat(self, parts):
-        return parts[0] if len(parts) == 1 else np.concatenate(tuple(parts), axis=0)
-
-    def flatten(self, x):
-        return x.reshape((int(np.prod(x.shape)),))
-
-    def gather(self, flat, index):
-        return flat[index]
-
-    def pad_zero(self, flat):
-        from concrete import fhe
-
-        return np.concatenate((flat, fhe.zeros((1,))), axis=0)
-
-    def round(self, a, lsbs, exact=False):
-        # Accumulator bounds come from the inputset: fhe.hint(bit_width=...) on the
-        # accumulator gave wrong results with concrete-python 2.11.
-        from concrete import fhe
-
-        if lsbs == 0:
-            return a
-        exactness = fhe.Exactness.EXACT if exact else fhe.Exactness.APPROXIMATE
-        return fhe.round_bit_pattern(a, lsbs_to_remove=lsbs, exactness=exactness)
-
-    def lut(self, fn, a):
-        from concrete import fhe
-
-        return fhe.univariate(fn)(a)
-
-    def to_channels_first(self, a, shape):
-        return np.transpose(a).reshape((a.shape[1],) + tuple(shape))
-
-    def reshape(self, x, shape):
-        return x.reshape(tuple(shape))
+def _split_parts(stage: Stage, parts: list[Any], shards_of: dict[str, int], backend: Any) -> dict[str, Any]:
+    """The full value of each input tensor from its producer's shard outputs."""
+    values: dict[str, Any] = {}
+    k = 0
+    for producer, tensor in zip(stage.inputs, stage.reads):
+        n = shards_of[producer]
+        values[tensor] = backend.concat(list(parts[k : k + n]), axis=0)
+        k += n
+    return values
 
 
-def _stage_function(stage: Stage, in_parts: int) -> Callable[..., Any]:
-    names = [f"x{i}" for i in range(in_parts)] + ["w", "b"]
-    backend = TraceBackend()
+def run_stage(stage: Stage, parts: list[Any], shards_of: dict[str, int], backend: Any,
+              w: Any = None, b: Any = None) -> Any:
+    """One stage (or one shard of it, given that shard's weights `w` and bias `b`) on the
+    shard outputs of the stages it reads. Used by the clear reference and the FHE program alike."""
+    if not stage.nodes:  # a relay passes the client's input on
+        return parts[0] * 1 if backend.lead == 0 else parts[0]
+    values = _split_parts(stage, parts, shards_of, backend)
+    for node in stage.nodes:
+        args = [values[i] for i in node.inputs]
+        if node.op == "linear" and w is not None:
+            values[node.name] = run_node(node, args, backend, w, b)
+        else:
+            values[node.name] = run_node(node, args, backend)
+    return values[stage.output.name]
 
-    def fn(**kw):
-        return stage_forward(stage, [kw[f"x{i}"] for i in range(in_parts)], kw["w"], kw["b"], backend)
 
-    fn.__name__ = stage.name
+def _signature(fn: Callable[..., Any], name: str, names: list[str]) -> Callable[..., Any]:
+    fn.__name__ = name
     fn.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
         [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD) for n in names]
     )
     return fn
 
 
-def _fused_function(graph: IntGraph) -> Callable[..., Any]:
-    """All stages in one function: x, then each stage's full weights and bias (clear)."""
-    n = len(graph.stages)
-    names = ["x"] + [f"{k}{i}" for i in range(n) for k in ("w", "b")]
+def _stage_function(stage: Stage, row: Any, shards_of: dict[str, int]) -> Callable[..., Any]:
     backend = TraceBackend()
+    n = row.in_parts
+    names = [f"x{i}" for i in range(n)] + (["w", "b"] if stage.shardable else [])
 
-    def fn(**kw):
-        h = kw["x"]
-        for i, stage in enumerate(graph.stages):
-            h = stage_forward(stage, [h], kw[f"w{i}"], kw[f"b{i}"], backend)
-        return h
+    def fn(**kw: Any) -> Any:
+        parts = [kw[f"x{i}"] for i in range(n)]
+        return run_stage(stage, parts, shards_of, backend, kw.get("w"), kw.get("b"))
 
-    fn.__name__ = FUSED
-    fn.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
-        [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD) for n in names]
-    )
-    return fn
+    return _signature(fn, stage.name, names)
 
 
-def fused_compatible(module: Any, graph: IntGraph) -> bool:
-    """Whether a ciphertext encrypted for the first stage is a valid input of the fused
-    function, and its output decrypts as the last stage's: same key, shape and encoding.
-    Checked on the compiled client spec, so the client never needs to know which ran."""
-    import json
+def _fused_function(stages: list[Stage]) -> Callable[..., Any]:
+    backend = TraceBackend()
+    ones = {s.name: 1 for s in stages} | {INPUT: 1}
 
-    circuits = {c["name"]: c for c in json.loads(module.client.specs.serialize())["circuits"]}
-    if FUSED not in circuits:
-        return False
-    first, last = circuits[graph.stages[0].name], circuits[graph.stages[-1].name]
-    fused = circuits[FUSED]
-    return (
-        fused["inputs"][0]["typeInfo"] == first["inputs"][0]["typeInfo"]
-        and fused["outputs"][0]["typeInfo"] == last["outputs"][0]["typeInfo"]
-    )
+    def fn(x: Any) -> Any:
+        outputs: dict[str, Any] = {INPUT: x}
+        for st in stages:
+            outputs[st.name] = run_stage(st, [outputs[i] for i in st.inputs], ones, backend)
+        return outputs[stages[-1].name]
+
+    return _signature(fn, FUSED, ["x"])
 
 
-def inputsets(graph: IntGraph, plan: ShardPlan, calib_x: np.ndarray) -> dict[str, list[tuple]]:
-    """Per function, (parts..., w, b) samples covering every shard; concrete measures bounds on them."""
-    h = graph.quantize_input(calib_x)
+def stage_outputs(graph: QGraph, stages: list[Stage], plan: ShardPlan, q: np.ndarray) -> dict[str, list[np.ndarray]]:
+    """Clear shard outputs of every stage on a batch of quantized inputs (for inputsets and
+    tests): what the FHE program computes, shard by shard."""
+    backend = NumpyBackend()
+    shards_of = {INPUT: 1} | {row.name: row.shards for row in plan.stages}
+    outputs: dict[str, list[np.ndarray]] = {INPUT: [q]}
+    for st, row in zip(stages, plan.stages):
+        parts = [p for i in st.inputs for p in outputs[i]]
+        if row.shardable:
+            outputs[st.name] = [
+                run_stage(st, parts, shards_of, backend, *shard_weights(st, row.shards, j)) for j in range(row.shards)
+            ]
+        else:
+            outputs[st.name] = [run_stage(st, parts, shards_of, backend)]
+    return outputs
+
+
+def inputsets(graph: QGraph, stages: list[Stage], plan: ShardPlan, calib_q: np.ndarray) -> dict[str, list[tuple]]:
+    """Per function, argument samples covering every shard; concrete measures bounds on them."""
+    outputs = stage_outputs(graph, stages, plan, calib_q)
     sets: dict[str, list[tuple]] = {}
-    for stage, sp in zip(graph.stages, plan.stages):
-        size = h.shape[1] // sp.in_parts
-        weights = [shard_weights(stage, sp.shards, j) for j in range(sp.shards)]
+    for st, row in zip(stages, plan.stages):
+        parts = [p for i in st.inputs for p in outputs[i]]
+        weights = [shard_weights(st, row.shards, j) for j in range(row.shards)] if row.shardable else [()]
         samples = []
-        for n in range(len(h)):
-            parts = tuple(np.ascontiguousarray(h[n, k * size : (k + 1) * size]) for k in range(sp.in_parts))
-            samples.append(parts + weights[n % sp.shards])
-        sets[stage.name] = samples
-        h = stage_forward(stage, [h], stage.weight_matrix(), stage.bias, NumpyBackend())
+        for n in range(len(calib_q)):
+            args = tuple(np.ascontiguousarray(p[n]) for p in parts)
+            samples.append(args + tuple(weights[n % len(weights)]))
+        sets[st.name] = samples
     return sets
 
 
-def fused_inputset(graph: IntGraph, calib_x: np.ndarray) -> list[tuple]:
-    weights = tuple(a for stage in graph.stages for a in (stage.weight_matrix(), stage.bias))
-    return [(x,) + weights for x in graph.quantize_input(calib_x)]
+def fused_compatible(module: Any, plan: ShardPlan) -> bool:
+    """Whether a ciphertext encrypted for the first stage is a valid input of the fused
+    function, and its output decrypts as the last stage's: same key, shape and encoding.
+    Checked on the compiled client spec, so the client never needs to know which ran."""
+    circuits = {c["name"]: c for c in json.loads(module.client.specs.serialize())["circuits"]}
+    if FUSED not in circuits:
+        return False
+    first = next(r for r in plan.stages if INPUT in r.inputs)
+    last = plan.stages[-1]
+    fused = circuits[FUSED]
+    return (
+        fused["inputs"][0]["typeInfo"] == circuits[first.name]["inputs"][0]["typeInfo"]
+        and fused["outputs"][0]["typeInfo"] == circuits[last.name]["outputs"][0]["typeInfo"]
+    )
 
 
 def compile_program(
-    graph: IntGraph,
+    graph: QGraph,
+    stages: list[Stage],
     plan: ShardPlan,
-    calib_x: np.ndarray,
+    calib_q: np.ndarray,
     p_error: float = DEFAULT_P_ERROR,
     simulation: bool = False,
     show_progress: bool = False,
     compress_keys: bool = True,
     fused: bool = False,
-):
-    """Compile to a concrete `fhe` module (real or simulated); bounds come from `calib_x`.
+) -> Any:
+    """Compile to a concrete `fhe` module (real or simulated); bounds come from `calib_q`
+    (quantized calibration inputs).
 
     `fused` adds one more function that runs the whole network in a single backend call. Every
     `Server.run` converts all bootstrap keys to the Fourier domain first (~0.1-0.2 s), so one
     process evaluating a one-shard-per-stage plan saves that cost once per stage but one."""
     from concrete import fhe
 
+    shards_of = {INPUT: 1} | {row.name: row.shards for row in plan.stages}
     attrs: dict[str, Any] = {}
     functions = {}
-    for stage, sp in zip(graph.stages, plan.stages):
-        spec = {f"x{i}": "encrypted" for i in range(sp.in_parts)} | {"w": "clear", "b": "clear"}
-        functions[stage.name] = fhe.function(spec)(_stage_function(stage, sp.in_parts))
-        attrs[stage.name] = functions[stage.name]
-    wires = []
-    for prev, (stage, sp) in zip(graph.stages, list(zip(graph.stages, plan.stages))[1:]):
-        for k in range(sp.in_parts):
-            wires.append(fhe.Wire(fhe.Output(functions[prev.name], 0), fhe.Input(functions[stage.name], k)))
+    for st, row in zip(stages, plan.stages):
+        spec = {f"x{i}": "encrypted" for i in range(row.in_parts)}
+        if row.shardable:
+            spec |= {"w": "clear", "b": "clear"}
+        functions[st.name] = fhe.function(spec)(_stage_function(st, row, shards_of))
+        attrs[st.name] = functions[st.name]
+    wires = set()
+    for st, row in zip(stages, plan.stages):
+        k = 0
+        for producer in st.inputs:
+            for _ in range(shards_of[producer]):
+                if producer != INPUT:
+                    wires.add(fhe.Wire(fhe.Output(functions[producer], 0), fhe.Input(functions[st.name], k)))
+                k += 1
     if fused:
-        attrs[FUSED] = fhe.function({"x": "encrypted"} | {
-            f"{k}{i}": "clear" for i in range(len(graph.stages)) for k in ("w", "b")
-        })(_fused_function(graph))
-    attrs["composition"] = fhe.Wired(set(wires))
+        attrs[FUSED] = fhe.function({"x": "encrypted"})(_fused_function(stages))
+    attrs["composition"] = fhe.Wired(wires)
     module = fhe.module()(type("GravelProgram", (), attrs))
     config = fhe.Configuration(
         compress_evaluation_keys=compress_keys,
@@ -184,9 +190,9 @@ def compile_program(
         show_progress=show_progress,
     )
     try:
-        sets = inputsets(graph, plan, calib_x)
+        sets = inputsets(graph, stages, plan, calib_q)
         if fused:
-            sets[FUSED] = fused_inputset(graph, calib_x)
+            sets[FUSED] = [(np.ascontiguousarray(x),) for x in calib_q]
         return module.compile(sets, config)
     except RuntimeError as exc:
         raise ModelError(f"concrete could not compile the program: {exc}") from exc

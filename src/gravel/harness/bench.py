@@ -16,7 +16,7 @@ from gravel.data import Dataset
 from gravel.harness.common import ensure_artifact
 from gravel.server import ServerModel
 
-__all__ = ["bench"]
+__all__ = ["bench", "format_bench"]
 
 
 def bench(
@@ -77,3 +77,8 @@ def bench(
     finally:
         if tmp is not None:
             tmp.cleanup()
+
+
+def format_bench(result: dict[str, Any]) -> str:
+    """The lines `gravel bench` prints for a `bench` result: one `key value` per line."""
+    return "\n".join(f"{key:20} {value}" for key, value in result.items())

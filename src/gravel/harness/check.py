@@ -1,69 +1,135 @@
-"""`gravel check`: where does accuracy go between the float model and encrypted execution?
+"""`gravel check`: can this model run encrypted, what will it cost, and where does accuracy go?
 
-Reports accuracy of the float model, the quantized integer model, the FHE program in
-simulation and, for a few images, real encrypted execution; per stage the accumulator and
-table-lookup bit widths and lookup counts; and, quantizing one stage at a time, the stage
-whose quantization costs more than one point of accuracy.
+Pre-flight, before the long compile: every unsupported node at once (the importer collects
+them all); for a supported model, table lookups and their widths per stage, the estimated
+evaluation-key size (from a simulated compile) and latency on this machine (from a measured
+per-lookup cost), float and quantized accuracy. Where quantization costs more than the
+tolerance, the layer that loses it and the bit width that would keep it. Then, optionally,
+the simulated program and a few real encrypted inferences.
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from gravel.compiler import QuantConfig, compile_program, float_forward, load_model_ops, make_plan, quantize
-from gravel.compiler.artifact import backend_pbs_count
-from gravel.compiler.graph import IntGraph, NumpyBackend, stage_forward
-from gravel.compiler.ops import InputQuantOp
-from gravel.compiler.plan import ShardPlan, shard_weights
-from gravel.compiler.quantize import signed_width
+from gravel.compiler import QuantConfig, build, evaluate, lower
+from gravel.compiler.pipeline import Compiled
+from gravel.compiler.plan import INPUT, make_plan, shard_weights
+from gravel.compiler.program import FUSED
+from gravel.compiler.quantize import conform_batch
 from gravel.data import Dataset
-from gravel.harness.bench import bench
+from gravel.errors import ModelError
 from gravel.harness.common import calib_images
 
-__all__ = ["check", "simulate"]
+__all__ = ["TOLERANCE", "check", "format_check", "simulate", "simulation_model", "stage_widths"]
 
-DROP_WARNING = 0.01
+# accuracy a quantized model may lose against its float model before check names a culprit
+TOLERANCE = 0.015
 
 
-def simulate(module: Any, graph: IntGraph, plan: ShardPlan, x: np.ndarray) -> np.ndarray:
-    """Predictions of a simulated (fhe_simulation=True) program, shard by shard."""
+def simulation_model(compiled: Compiled, calib_x: np.ndarray, p_error: float) -> Any:
+    """A simulated program for accuracy checks: one shard per stage and the fused function,
+    so each sample is one `simulate` call (each call has a large fixed cost); sharding does
+    not change what a stage computes."""
+    one = replace(compiled, plan=make_plan(compiled.stages, 1))
+    return one, lower(one, calib_x, p_error=p_error, simulation=True, fused=True)
+
+
+def simulate(module: Any, compiled: Compiled, x: np.ndarray) -> np.ndarray:
+    """Predictions of a simulated (fhe_simulation=True) program: the fused function where the
+    module has one, else stage by stage and shard by shard."""
+    from gravel.protocol.manifest import stage_arguments
+
+    graph, stages, plan = compiled.qgraph, compiled.stages, compiled.plan
+    fused = getattr(module, FUSED, None)
     preds = []
-    for image in graph.quantize_input(x):
-        parts = [image]
+    for q in graph.quantize_input(conform_batch(x, graph.input_shape)):
+        outputs: dict[str, list] = {INPUT: [q]}
         try:
-            for stage, sp in zip(graph.stages, plan.stages):
-                fn = getattr(module, stage.name)
-                parts = [fn.simulate(*parts, *shard_weights(stage, sp.shards, j)) for j in range(sp.shards)]
+            if fused is not None:
+                outputs[stages[-1].name] = [fused.simulate(q)]
+            else:
+                for st, row in zip(stages, plan.stages):
+                    fn = getattr(module, st.name)
+                    parts = stage_arguments(row.to_json(), outputs)
+                    weights = [shard_weights(st, row.shards, j) for j in range(row.shards)] if row.shardable else [()]
+                    outputs[st.name] = [fn.simulate(*parts, *w) for w in weights]
         except ValueError:
             # a simulated lookup error left a value outside the next stage's input range,
-            # which concrete refuses: count the image as mispredicted (-1)
+            # which concrete refuses: count the sample as mispredicted (-1)
             preds.append(-1)
             continue
-        preds.append(int(np.argmax(graph.dequantize_output(parts[0]))))
+        out = np.asarray(outputs[stages[-1].name][0])[None]
+        preds.append(int(np.argmax(graph.dequantize_output(out))))
     return np.asarray(preds, dtype=np.int64)
 
 
-def _one_stage_quantized(core, graph: IntGraph, k: int, x: np.ndarray) -> np.ndarray:
-    meta = graph.meta["stages"][k]
-    start, end = meta["ops"]
-    scale, offset = meta["in_quant"]
-    h = float_forward(core[:start], x, quantize_input=False)
-    h_int = np.round((h - offset) / scale).astype(np.int64)
-    stage = graph.stages[k]
-    y = stage_forward(stage, [h_int], stage.weight_matrix(), stage.bias, NumpyBackend())
-    if stage.act is None:
-        real = graph.dequantize_output(y)
-    else:
-        out_scale, out_offset = meta["out_quant"]
-        real = y * out_scale + out_offset
-    return float_forward(core[end:], real, quantize_input=False).argmax(1)
+def stage_widths(compiled: Compiled) -> list[dict[str, Any]]:
+    """Per stage: the layers it holds, its lookups and their input widths, its shards."""
+    rows = []
+    for st, row in zip(compiled.stages, compiled.plan.stages):
+        widths: dict[int, int] = {}
+        for n in st.nodes:
+            if n.op == "lut":
+                bits = n.attrs["acc_bits"] - n.attrs["lsbs"]
+                widths[bits] = widths.get(bits, 0) + n.lookups
+            elif n.op == "maxpool":
+                from gravel.compiler.qgraph import signed_width
+
+                bits = signed_width(n.lo - n.hi, n.hi - n.lo)
+                widths[bits] = widths.get(bits, 0) + n.lookups
+        rows.append({
+            "stage": st.name,
+            "layers": ", ".join(dict.fromkeys(n.source for n in st.nodes)) or "(relay)",
+            "ops": "+".join(n.op for n in st.nodes) or "relay",
+            "table_lookups": st.lookups,
+            "lookup_bits": {str(k): v for k, v in sorted(widths.items())},
+            "shards": row.shards,
+        })
+    return rows
+
+
+def _culprit(model: Any, compiled: Compiled, calib_x: np.ndarray, x: np.ndarray, y: np.ndarray,
+             acc_float: float, config: QuantConfig) -> list[str]:
+    """The layer whose bits, raised alone, recover most accuracy, and the fewest bits that keep
+    the model within TOLERANCE of float."""
+    from dataclasses import replace
+
+    from gravel.compiler.quantize import quantize
+
+    g = compiled.graph
+    candidates = [n.name for n in g.nodes if n.op in ("act", "gemm", "conv")]
+    candidates.append("input")
+
+    def accuracy(bits: dict[str, int]) -> float:
+        cfg = replace(config, node_bits=tuple(bits.items()))
+        if "input" in bits:
+            cfg = replace(cfg, in_bits=bits["input"])
+        q = quantize(g, conform_batch(calib_x, g.input_shape), cfg)
+        return float((q.predict(x) == y).mean())
+
+    gains = {name: accuracy({name: 8}) for name in candidates}
+    best = max(gains, key=gains.get)
+    base = float((compiled.qgraph.predict(x) == y).mean())
+    if gains[best] <= base:
+        return [f"no single layer recovers the loss: raise the defaults (--a-bits, --w-bits, --in-bits, --tlu-bits)"]
+    node = g.node(best) if best != "input" else None
+    what = "input" if node is None else f"layer '{node.source or node.name}' ({node.op})"
+    kind = "--in-bits" if node is None else ("weight bits" if node.op in ("gemm", "conv") else "activation bits")
+    for bits in range(2, 9):
+        if acc_float - accuracy({best: bits}) <= TOLERANCE:
+            return [f"{what} loses the most accuracy: {bits} {kind} keep the model within "
+                    f"{100 * TOLERANCE:.1f} points of float ({100 * gains[best]:.1f} % at 8 bits)"]
+    return [f"{what} loses the most accuracy, but even 8 bits there leave "
+            f"{100 * (acc_float - gains[best]):.1f} points: raise the defaults too"]
 
 
 def check(
-    model: str | Path,
+    model: str | Path | Any,
     data: Dataset,
     samples: int = 500,
     sim_samples: int = 100,
@@ -71,55 +137,55 @@ def check(
     config: QuantConfig = QuantConfig(),
     calib: int = 500,
     progress: bool = True,
+    estimate: bool = True,
     **compile_kwargs: Any,
 ) -> dict[str, Any]:
-    ops, _ = load_model_ops(model)
-    core = ops[1:] if ops and isinstance(ops[0], InputQuantOp) else ops
+    """The report as a dict; `supported: False` with every problem when the model cannot run."""
     calib_x = calib_images(data, calib)
-    graph = quantize(ops, calib_x, config)
-    plan = make_plan(graph, compile_kwargs.get("max_shards", 16))
+    try:
+        compiled = build(model, calib_x, config, compile_kwargs.get("max_shards", 16))
+    except ModelError as exc:
+        return {"supported": False, "problems": str(exc).splitlines()}
     x, y = data.x_test[:samples], data.y_test[:samples]
-    acc_float = float((float_forward(core, x, quantize_input=False).argmax(1) == y).mean())
-    clear = graph.predict(x)
+    xg = conform_batch(x, compiled.graph.input_shape)
+    acc_float = float((np.asarray(evaluate(compiled.graph, xg)).reshape(len(x), -1).argmax(1) == y).mean())
+    clear = compiled.qgraph.predict(x)
     acc_quant = float((clear == y).mean())
-    module = compile_program(graph, plan, calib_x, p_error=compile_kwargs.get("p_error", 0.01), simulation=True)
-    sim = simulate(module, graph, plan, x[:sim_samples]) if sim_samples else np.zeros(0, np.int64)
-    layers, warnings = [], []
-    for k, stage in enumerate(graph.stages):
-        acc_k = float((_one_stage_quantized(core, graph, k, x) == y).mean())
-        width = stage.acc_bits or signed_width(*stage.acc_range)
-        layers.append(
-            {
-                "stage": stage.name,
-                "layer": stage.source,
-                "accumulator_bits": width,
-                "tlu_bits": width - stage.lsbs if stage.act else 0,
-                "activation": stage.act.kind if stage.act else "output",
-                "table_lookups": stage.pbs_count,
-                "accuracy_with_only_this_quantized": acc_k,
-            }
-        )
-        if acc_float - acc_k > DROP_WARNING:
-            warnings.append(
-                f"quantizing layer '{stage.source}' ({stage.name}) alone costs "
-                f"{100 * (acc_float - acc_k):.1f} points of accuracy"
-            )
-    if acc_float - acc_quant > DROP_WARNING and not warnings:
-        warnings.append(f"the quantized model loses {100 * (acc_float - acc_quant):.1f} points in total")
+    p_error = compile_kwargs.get("p_error", 0.01)
+    sim_compiled, module = simulation_model(compiled, calib_x, p_error)
+    sim = simulate(module, sim_compiled, x[:sim_samples]) if sim_samples else np.zeros(0, np.int64)
+    stages = stage_widths(compiled)
+    widths: dict[int, int] = {}
+    for row in stages:
+        for bits, count in row["lookup_bits"].items():
+            widths[int(bits)] = widths.get(int(bits), 0) + count
+    warnings = list(compiled.notes)
+    if acc_float - acc_quant > TOLERANCE:
+        warnings.append(f"quantization costs {100 * (acc_float - acc_quant):.1f} points of accuracy")
+        warnings += _culprit(model, compiled, calib_x, x, y, acc_float, config)
     result: dict[str, Any] = {
+        "supported": True,
+        "model": compiled.info.get("name"),
+        "input_shape": list(compiled.graph.input_shape),
         "samples": int(len(x)),
         "accuracy_float": acc_float,
         "accuracy_quantized": acc_quant,
         "accuracy_simulated": float((sim == y[: len(sim)]).mean()) if len(sim) else None,
         "simulation_agreement": float((sim == clear[: len(sim)]).mean()) if len(sim) else None,
         "simulated_samples": int(len(sim)),
-        "pbs_count": backend_pbs_count(module, plan),
-        "table_lookups": plan.pbs_count,
+        "table_lookups": compiled.qgraph.lookups,
+        "lookup_bits": {str(k): v for k, v in sorted(widths.items())},
         "eval_key_bytes_estimate": int(module.size_of_bootstrap_keys + module.size_of_keyswitch_keys),
-        "layers": layers,
+        "stages": stages,
         "warnings": warnings,
     }
+    if estimate:
+        from gravel.harness.estimate import estimate_latency
+
+        result["latency_estimate_s"] = estimate_latency(widths, p_error)
     if fhe_samples:
+        from gravel.harness.bench import bench
+
         real = bench(model, data, samples=fhe_samples, config=config, progress=progress, **compile_kwargs)
         result["accuracy_encrypted"] = real["accuracy_encrypted"]
         result["encrypted_agreement"] = real["agreement"]
@@ -127,3 +193,27 @@ def check(
         result["eval_key_bytes"] = real["eval_key_bytes"]
         result["latency_s"] = real["latency_s"]
     return result
+
+
+def format_check(result: dict[str, Any]) -> str:
+    """The report `gravel check` prints for a supported model's `check` result (its warnings
+    go to stderr apart)."""
+    r = result
+    lines = [f"model input {tuple(r['input_shape'])}; accuracy on {r['samples']} test samples: "
+             f"float {r['accuracy_float']:.4f}, quantized {r['accuracy_quantized']:.4f}",
+             f"{'stage':8} {'ops':24} {'lookups':>8} {'bits:count':>16} {'shards':>6}  layers"]
+    for row in r["stages"]:
+        bits = " ".join(f"{b}:{c}" for b, c in row["lookup_bits"].items()) or "-"
+        lines.append(f"{row['stage']:8} {row['ops'][:24]:24} {row['table_lookups']:>8} {bits:>16} "
+                     f"{row['shards']:>6}  {row['layers'][:60]}")
+    estimate = f", about {r['latency_estimate_s']:.1f} s per inference here" if "latency_estimate_s" in r else ""
+    lines.append(f"table lookups {r['table_lookups']}; evaluation keys about "
+                 f"{r['eval_key_bytes_estimate'] / 1e6:.1f} MB (uncompressed){estimate}")
+    if r["simulated_samples"]:
+        lines.append(f"FHE simulation on {r['simulated_samples']} samples: accuracy {r['accuracy_simulated']:.4f}, "
+                     f"agreement with the quantized model {r['simulation_agreement']:.3f}")
+    if "accuracy_encrypted" in r:
+        lines.append(f"real encryption on {r['encrypted_samples']} samples: accuracy {r['accuracy_encrypted']:.4f}, "
+                     f"agreement {r['encrypted_agreement']:.3f}, {r['latency_s']:.2f} s each, "
+                     f"evaluation keys {r['eval_key_bytes'] / 1e6:.1f} MB")
+    return "\n".join(lines)

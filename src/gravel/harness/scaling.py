@@ -17,7 +17,7 @@ from gravel.compiler import QuantConfig, load_graph
 from gravel.data import Dataset
 from gravel.harness.common import ensure_artifact
 
-__all__ = ["bench_workers", "critical_path", "plot_scaling"]
+__all__ = ["bench_workers", "critical_path", "format_scaling", "plot_scaling"]
 
 
 def critical_path(trace: InferenceTrace) -> tuple[float, int]:
@@ -141,3 +141,15 @@ def plot_scaling(result: dict[str, Any], path: str | Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def format_scaling(result: dict[str, Any]) -> str:
+    """The table `gravel bench --workers` prints for a `bench_workers` result."""
+    r = result
+    lines = [f"{r['model']}: {r['pbs_count']} PBS, shards per stage {r['shards']}",
+             f"{'workers':>8} {'latency s':>10} {'speed-up':>9} {'efficiency':>10} {'req/s':>7} {'overhead':>9}"]
+    for row in r["scaling"]:
+        lines.append(f"{row['workers']:>8} {row['latency_s']:>10.3f} {row['speedup']:>9.2f} "
+                     f"{row['parallel_efficiency']:>10.2f} {row['throughput_per_s']:>7.3f} "
+                     f"{row['overhead_fraction']:>9.1%}")
+    return "\n".join(lines)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import struct
 
-from gravel.errors import KeyMismatchError
+from gravel.errors import BlobFormatError
 
 __all__ = ["BATCH_MAGIC", "MAX_BATCH", "is_batch", "pack_batch", "unpack_batch"]
 
@@ -36,20 +36,20 @@ def pack_batch(items: list[bytes]) -> bytes:
 def unpack_batch(data: bytes, what: str = "batch") -> list[bytes]:
     """Split a batch; a truncated or inconsistent one names where it breaks."""
     if len(data) < 8 or not is_batch(data):
-        raise KeyMismatchError(f"{what}: not a Gravel batch (missing GRVB header)")
+        raise BlobFormatError(f"{what}: not a Gravel batch (missing GRVB header)")
     (count,) = struct.unpack_from(">I", data, 4)
     if not 1 <= count <= MAX_BATCH:
-        raise KeyMismatchError(f"{what}: batch of {count} items; 1 to {MAX_BATCH} are allowed")
+        raise BlobFormatError(f"{what}: batch of {count} items; 1 to {MAX_BATCH} are allowed")
     items, pos = [], 8
     for i in range(count):
         if pos + 8 > len(data):
-            raise KeyMismatchError(f"{what}: truncated before item {i} of {count}")
+            raise BlobFormatError(f"{what}: truncated before item {i} of {count}")
         (size,) = struct.unpack_from(">Q", data, pos)
         pos += 8
         if size == 0 or pos + size > len(data):
-            raise KeyMismatchError(f"{what}: item {i} of {count} is truncated or empty")
+            raise BlobFormatError(f"{what}: item {i} of {count} is truncated or empty")
         items.append(data[pos : pos + size])
         pos += size
     if pos != len(data):
-        raise KeyMismatchError(f"{what}: {len(data) - pos} stray bytes after {count} items")
+        raise BlobFormatError(f"{what}: {len(data) - pos} stray bytes after {count} items")
     return items

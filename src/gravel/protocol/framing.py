@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from enum import IntEnum
 
-from gravel.errors import KeyMismatchError
+from gravel.errors import BlobFormatError, KeyMismatchError
 
 __all__ = ["HEADER_SIZE", "Kind", "frame", "unframe"]
 
@@ -43,15 +43,19 @@ def frame(kind: Kind, digest: bytes, payload: bytes) -> bytes:
 
 
 def unframe(data: bytes, kind: Kind, digest: bytes, what: str = "input") -> bytes:
-    """Check the header and return the payload; every mismatch names what was found."""
+    """Check the header and return the payload; every mismatch names what was found.
+
+    Damaged bytes (no header, unknown version or kind, no payload) raise BlobFormatError;
+    well-formed bytes of another kind or for another model raise KeyMismatchError.
+    """
     if len(data) < HEADER_SIZE or data[:4] != _MAGIC:
-        raise KeyMismatchError(f"{what}: not a Gravel {kind.label} blob (missing header; truncated or wrong file?)")
+        raise BlobFormatError(f"{what}: not a Gravel {kind.label} blob (missing header; truncated or wrong file?)")
     if data[4] != _VERSION:
-        raise KeyMismatchError(f"{what}: framing version {data[4]}, this Gravel reads version {_VERSION}")
+        raise BlobFormatError(f"{what}: framing version {data[4]}, this Gravel reads version {_VERSION}")
     try:
         found = Kind(data[5])
     except ValueError:
-        raise KeyMismatchError(f"{what}: unknown blob kind {data[5]}") from None
+        raise BlobFormatError(f"{what}: unknown blob kind {data[5]}") from None
     if found != kind:
         hint = (
             ": a SECRET key set must never be sent; send the evaluation keys (SecretKeys.evaluation_keys())"
@@ -66,5 +70,5 @@ def unframe(data: bytes, kind: Kind, digest: bytes, what: str = "input") -> byte
         )
     payload = data[HEADER_SIZE:]
     if not payload:
-        raise KeyMismatchError(f"{what}: {found.label} has an empty body (truncated?)")
+        raise BlobFormatError(f"{what}: {found.label} has an empty body (truncated?)")
     return payload

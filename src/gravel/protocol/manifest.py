@@ -15,9 +15,16 @@ from typing import Any
 
 from gravel.errors import ArtifactError
 
-__all__ = ["CLIENT_FILES", "FORMAT_VERSION", "SERVER_FILES", "Manifest", "file_sha256", "load_manifest"]
+__all__ = [
+    "CLIENT_FILES", "FORMAT_VERSION", "INPUT", "SERVER_FILES", "Manifest", "file_sha256", "load_manifest",
+    "stage_arguments",
+]
 
-FORMAT_VERSION = 1
+# 2: the program is a graph of stages (plan rows name the stages they read), input quantization
+# over a calibrated range
+FORMAT_VERSION = 2
+# what plan rows call the client's input ciphertext
+INPUT = "input"
 MANIFEST = "manifest.json"
 CLIENT_FILES = ("client.specs.json",)
 SERVER_FILES = ("server.zip", "weights.npz")
@@ -67,8 +74,27 @@ class Manifest:
     def plan(self) -> list[dict[str, Any]]:
         return self.data["plan"]
 
+    @property
+    def input_function(self) -> str:
+        """The function the client encrypts its input for."""
+        return self.data["io"]["input_function"]
+
+    @property
+    def output_function(self) -> str:
+        """The function whose output the client decrypts."""
+        return self.data["io"]["output_function"]
+
     def path(self, name: str) -> Path:
         return self.root / name
+
+
+def stage_arguments(row: dict[str, Any], outputs: dict[str, list[Any]]) -> list[Any]:
+    """A stage's encrypted arguments: every shard output of each stage it reads, in order.
+    The one rule the compiler's wiring, the server and the cluster executor share."""
+    try:
+        return [part for name in row["inputs"] for part in outputs[name]]
+    except KeyError as exc:
+        raise ArtifactError(f"stage {row.get('name')!r} reads {exc.args[0]!r}, which has not run before it") from None
 
 
 def load_manifest(root: str | Path, role: str = "client") -> Manifest:

@@ -9,8 +9,9 @@ from typing import Callable
 
 import numpy as np
 
-from gravel.errors import KeyMismatchError
+from gravel.errors import BlobFormatError
 from gravel.protocol import Kind, Manifest, frame, load_manifest, unframe
+from gravel.protocol.manifest import INPUT, stage_arguments
 
 __all__ = ["ServerModel", "StageTrace", "parse_blob"]
 
@@ -18,8 +19,9 @@ __all__ = ["ServerModel", "StageTrace", "parse_blob"]
 def parse_blob(data: bytes, kind: Kind, digest: bytes) -> tuple[bytes, object]:
     """Check a framed blob from a client and parse it with the backend's own deserializer.
 
-    Returns (payload, backend object); anything malformed raises KeyMismatchError naming
-    what it is, never the backend's bare exception.
+    Returns (payload, backend object). Bytes of another kind or model raise KeyMismatchError
+    (from `unframe`); bytes the backend cannot parse raise BlobFormatError naming what they
+    were meant to be, never the backend's bare exception.
     """
     from concrete import fhe
 
@@ -28,7 +30,7 @@ def parse_blob(data: bytes, kind: Kind, digest: bytes) -> tuple[bytes, object]:
     try:
         return payload, loader(payload)
     except Exception as exc:  # noqa: BLE001 - the backend raises RuntimeError and others
-        raise KeyMismatchError(f"{kind.label}: corrupt or truncated ({exc})") from exc
+        raise BlobFormatError(f"{kind.label}: corrupt or truncated ({exc})") from exc
 
 
 @dataclass
@@ -48,11 +50,17 @@ class ServerModel:
         self._server = fhe.Server.load(manifest.path("server.zip"))
         with np.load(manifest.path("weights.npz"), allow_pickle=False) as npz:
             arrays = {k: npz[k] for k in npz.files}
-        # Per stage, the clear arguments of every shard, contiguous (concrete misreads views).
+        # Per stage, the clear arguments of every shard, contiguous (concrete misreads views);
+        # stages that are not shardable have their constants compiled in.
         prepare = _ClearArgs(self._server)
+        by_stage = {s["name"]: s for s in manifest.stages}
         self.shards: list[list[tuple]] = []
         for row in manifest.plan:
-            w, b = arrays[f"{row['name']}.w"], arrays[f"{row['name']}.b"]
+            if not row.get("shardable"):
+                self.shards.append([()])
+                continue
+            linear = next(n for n in by_stage[row["name"]]["nodes"] if f"{n}.weight" in arrays)
+            w, b = arrays[f"{linear}.weight"], arrays[f"{linear}.bias"]
             size, parts = row["shard_size"], row["in_parts"]
             self.shards.append(
                 [
@@ -66,15 +74,8 @@ class ServerModel:
             )
 
         # The whole network as one function, where the compiler verified that it reads and
-        # writes the same ciphertexts as the stage chain: one backend call instead of one per stage.
+        # writes the same ciphertexts as the stages: one backend call instead of one per stage.
         self.fused = manifest.data.get("fused", {}).get("function")
-        self.fused_args = ()
-        if self.fused:
-            names = [row["name"] for row in manifest.plan]
-            self.fused_args = prepare(
-                self.fused, tuple(range(1, 2 * len(names) + 1)),
-                tuple(arrays[f"{n}.{k}"] for n in names for k in ("w", "b")),
-            )
 
     @staticmethod
     def load(artifact: str | Path) -> ServerModel:
@@ -87,9 +88,9 @@ class ServerModel:
         return parse_blob(data, Kind.INPUT_CIPHERTEXT, self.digest)[1]
 
     def run_shard(self, stage: int, shard: int, parts: list, keys):
-        w, b = self.shards[stage][shard]
+        clear = self.shards[stage][shard]  # (w, b) of a shardable stage, else nothing
         name = self.manifest.plan[stage]["name"]
-        return self._server.run(*parts, w, b, evaluation_keys=keys, function_name=name)
+        return self._server.run(*parts, *clear, evaluation_keys=keys, function_name=name)
 
     def run(self, keys, value, progress: Callable[[int, int], None] | None = None) -> tuple[object, list[StageTrace]]:
         """One inference, shards run one after another; returns the output Value and a trace.
@@ -97,14 +98,15 @@ class ServerModel:
         `progress(stages_done, stages)` is called after each stage, for long inferences."""
         if self.fused:
             t0 = time.perf_counter()
-            out = self._server.run(value, *self.fused_args, evaluation_keys=keys, function_name=self.fused)
+            out = self._server.run(value, evaluation_keys=keys, function_name=self.fused)
             seconds = time.perf_counter() - t0
             if progress is not None:
                 progress(1, 1)
             return out, [StageTrace(self.fused, 1, seconds, [seconds])]
-        parts = [value]
+        outputs: dict[str, list] = {INPUT: [value]}
         trace = []
         for i, row in enumerate(self.manifest.plan):
+            parts = stage_arguments(row, outputs)
             t0 = time.perf_counter()
             outs, times = [], []
             for j in range(row["shards"]):
@@ -112,10 +114,10 @@ class ServerModel:
                 outs.append(self.run_shard(i, j, parts, keys))
                 times.append(time.perf_counter() - ts)
             trace.append(StageTrace(row["name"], row["shards"], time.perf_counter() - t0, times))
-            parts = outs
+            outputs[row["name"]] = outs
             if progress is not None:
                 progress(i + 1, len(self.manifest.plan))
-        return parts[0], trace
+        return outputs[self.manifest.plan[-1]["name"]][0], trace
 
     def frame_output(self, value) -> bytes:
         return frame(Kind.OUTPUT_CIPHERTEXT, self.digest, value.serialize())

@@ -41,7 +41,7 @@ from gravel.ckks.packing import (
     n_chunks,
     sum_map,
 )
-from gravel.errors import InputError, KeyMismatchError
+from gravel.errors import BlobFormatError, InputError, KeyMismatchError
 
 if TYPE_CHECKING:
     from gravel.tensor.approx import Approximation
@@ -605,15 +605,15 @@ class EncryptedTensor:
         numel = math.prod(shape)
         if head["layout"] == "contiguous":
             if extra:
-                raise KeyMismatchError("encrypted tensor: unexpected layout bytes")
+                raise BlobFormatError("encrypted tensor: unexpected layout bytes")
             layout = contiguous_layout(shape, slots)
         else:
             if len(extra) != 8 * numel:
-                raise KeyMismatchError("encrypted tensor: layout size does not match its shape")
+                raise BlobFormatError("encrypted tensor: layout size does not match its shape")
             layout = np.frombuffer(extra, dtype="<i8").astype(np.int64).reshape(shape)
         if layout.size and (layout.min() < 0 or layout.max() >= len(cts) * slots
                             or len(np.unique(layout)) != layout.size):
-            raise KeyMismatchError("encrypted tensor: its layout points outside its ciphertexts "
+            raise BlobFormatError("encrypted tensor: its layout points outside its ciphertexts "
                                    "or twice at one slot")
         return cls(ctx, cts, layout, _DTYPES[dtype])
 
@@ -624,5 +624,5 @@ class EncryptedTensor:
               and all(isinstance(s, int) and s >= 1 for s in shape) and len(shape) <= 16
               and head.get("layout") in ("contiguous", "explicit") and head.get("dtype") in _DTYPES)
         if not ok or math.prod(shape) > _MAX_ELEMENTS:
-            raise KeyMismatchError("encrypted tensor: malformed header (not an encrypted tensor?)")
+            raise BlobFormatError("encrypted tensor: malformed header (not an encrypted tensor?)")
         return tuple(shape), head["dtype"]

@@ -47,7 +47,7 @@ import torch
 
 from gravel.ckks.ciphertext import Ciphertext
 from gravel.ckks.evaluator import polyval_depth
-from gravel.errors import DepthError, InputError, KeyMismatchError
+from gravel.errors import BlobFormatError, DepthError, InputError, KeyMismatchError
 from gravel.tensor import approx as _approx
 from gravel.tensor.context import Context, PublicContext
 from gravel.tensor.tensor import EncryptedTensor
@@ -78,14 +78,14 @@ def _unpack(data: bytes, kind: str) -> tuple[dict[str, Any], dict[str, bytes]]:
         raise InputError(f"a {kind} message is bytes, got {type(data).__name__}")
     data = bytes(data)
     if len(data) < _U32.size:
-        raise KeyMismatchError(f"{kind} message: truncated")
+        raise BlobFormatError(f"{kind} message: truncated")
     (n,) = _U32.unpack_from(data)
     if n > 1 << 20 or _U32.size + n > len(data):
-        raise KeyMismatchError(f"{kind} message: header length out of range (truncated?)")
+        raise BlobFormatError(f"{kind} message: header length out of range (truncated?)")
     try:
         head = json.loads(data[_U32.size:_U32.size + n])
     except (UnicodeDecodeError, json.JSONDecodeError):
-        raise KeyMismatchError(f"{kind} message: header is not JSON") from None
+        raise BlobFormatError(f"{kind} message: header is not JSON") from None
     if not isinstance(head, dict) or head.get("format") != _FORMAT or head.get("kind") != kind:
         found = head.get("kind") if isinstance(head, dict) else None
         raise KeyMismatchError(f"expected a training {kind} message, got {found!r}")
@@ -93,16 +93,16 @@ def _unpack(data: bytes, kind: str) -> tuple[dict[str, Any], dict[str, bytes]]:
     try:
         for name, size in head["parts"]:
             if not isinstance(size, int) or size < 0 or pos + size > len(data):
-                raise KeyMismatchError(f"{kind} message: part {name!r} truncated")
+                raise BlobFormatError(f"{kind} message: part {name!r} truncated")
             parts[str(name)] = data[pos:pos + size]
             pos += size
     except (TypeError, ValueError):
-        raise KeyMismatchError(f"{kind} message: malformed part list") from None
+        raise BlobFormatError(f"{kind} message: malformed part list") from None
     if pos != len(data):
-        raise KeyMismatchError(f"{kind} message: {len(data) - pos} unexpected trailing bytes")
+        raise BlobFormatError(f"{kind} message: {len(data) - pos} unexpected trailing bytes")
     meta = head.get("meta")
     if not isinstance(meta, dict):
-        raise KeyMismatchError(f"{kind} message: no metadata")
+        raise BlobFormatError(f"{kind} message: no metadata")
     return meta, parts
 
 

@@ -1,0 +1,166 @@
+"""Issue 8's figures: models trained in plain PyTorch, exported to ONNX, compiled at defaults.
+
+    python benchmarks/import_models.py mlp     [--samples 30] [--exporter dynamo|legacy]
+    python benchmarks/import_models.py resnet  [--samples 3]
+
+`mlp`: the reference 784-128-64-10 MLP with the input normalisation inside the graph
+((x - 0.1307) / 0.3081, exported as Sub and Div), trained on the 5k MNIST training subset,
+exported by torch's default (dynamo) exporter, compiled by `gravel compile` at default
+settings, then run encrypted on the first test images. `resnet`: a small ResNet-style CNN
+(stem, one residual block, a strided block, global average pooling, batch norm throughout)
+trained on Fashion-MNIST. Each prints one JSON line: float and quantized accuracy (on 2000
+test images), encrypted accuracy and agreement, median latency, key and ciphertext sizes,
+lookups. Trained models are cached under runs/ so a second run only measures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+RUNS = Path(__file__).resolve().parent.parent / "runs"
+
+
+class ReferenceMLP(nn.Module):
+    """784-128-64-10 with ReLU; the normalisation is part of the model, as people write it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2, self.fc3 = nn.Linear(784, 128), nn.Linear(128, 64), nn.Linear(64, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = (x.flatten(1) - 0.1307) / 0.3081
+        return self.fc3(torch.relu(self.fc2(torch.relu(self.fc1(x)))))
+
+
+class Block(nn.Module):
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.c1, self.b1 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+        self.c2, self.b2 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.b1(self.c1(x)))
+        return torch.relu(self.b2(self.c2(h)) + x)
+
+
+class SmallResNet(nn.Module):
+    """stem (stride 2) -> residual block -> strided conv -> global average pool -> linear."""
+
+    def __init__(self, c: int = 8) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, c, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(c), nn.ReLU())
+        self.block = Block(c)
+        self.down = nn.Sequential(nn.Conv2d(c, 2 * c, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(2 * c),
+                                  nn.ReLU())
+        self.head = nn.Linear(2 * c, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.down(self.block(self.stem(x)))
+        return self.head(nn.functional.adaptive_avg_pool2d(h, 1).flatten(1))
+
+
+def train(model: nn.Module, x: np.ndarray, y: np.ndarray, epochs: int, lr: float) -> nn.Module:
+    torch.manual_seed(0)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs * ((len(x) + 127) // 128))
+    xt, yt = torch.from_numpy(x).float(), torch.from_numpy(y).long()
+    for epoch in range(epochs):
+        model.train()
+        perm = torch.randperm(len(xt))
+        for i in range(0, len(xt), 128):
+            idx = perm[i : i + 128]
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(xt[idx]), yt[idx]).backward()
+            opt.step()
+            sched.step()
+        print(f"epoch {epoch + 1}/{epochs}", file=sys.stderr)
+    return model.eval()
+
+
+def export(model: nn.Module, sample: torch.Tensor, path: Path, exporter: str) -> None:
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (sample,), str(path), dynamo=exporter == "dynamo", external_data=False)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("model", choices=["mlp", "resnet"])
+    ap.add_argument("--samples", type=int, default=None, help="encrypted test images (default 30 mlp, 3 resnet)")
+    ap.add_argument("--exporter", choices=["dynamo", "legacy"], default="dynamo")
+    ap.add_argument("--shards", type=int, default=1, help="most shards per stage (1: one process, fused)")
+    ap.add_argument("--in-bits", type=int)
+    ap.add_argument("--w-bits", type=int)
+    ap.add_argument("--a-bits", type=int)
+    ap.add_argument("--tlu-bits", type=int)
+    ap.add_argument("--p-error", type=float, default=None)
+    args = ap.parse_args()
+
+    from gravel.compiler import QuantConfig, compile_model
+    from gravel.data import load_dataset
+    from gravel.harness.bench import bench
+    from gravel.harness.common import calib_images
+
+    data = load_dataset("mnist" if args.model == "mlp" else "fashion-mnist")
+    RUNS.mkdir(exist_ok=True)
+    onnx_path = RUNS / f"{args.model}-{args.exporter}.onnx"
+    weights = RUNS / f"{args.model}.pt"
+    model = ReferenceMLP() if args.model == "mlp" else SmallResNet()
+    t = time.perf_counter()
+    if weights.exists():
+        model.load_state_dict(torch.load(weights, weights_only=True))
+        model.eval()
+    else:
+        if args.model == "mlp":
+            train(model, data.x_train, data.y_train, epochs=30, lr=2e-3)
+        else:
+            train(model, data.x_train, data.y_train, epochs=8, lr=3e-3)
+        torch.save(model.state_dict(), weights)
+    train_s = time.perf_counter() - t
+    if not onnx_path.exists():
+        export(model, torch.from_numpy(data.x_test[:1]).float(), onnx_path, args.exporter)
+    with torch.no_grad():
+        acc_float = float((model(torch.from_numpy(data.x_test[:2000]).float()).argmax(1).numpy()
+                           == data.y_test[:2000]).mean())
+    base = QuantConfig()
+    config = QuantConfig(
+        in_bits=args.in_bits or base.in_bits, w_bits=args.w_bits or base.w_bits,
+        a_bits=args.a_bits or base.a_bits, tlu_bits=args.tlu_bits or base.tlu_bits,
+    )
+    kwargs = {"max_shards": args.shards}
+    if args.p_error is not None:
+        kwargs["p_error"] = args.p_error
+    art = RUNS / f"{args.model}-{args.exporter}.gravel"
+    t = time.perf_counter()
+    manifest = compile_model(onnx_path, calib_images(data, 500), art, config, overwrite=True, **kwargs)
+    compile_s = time.perf_counter() - t
+    from gravel.compiler import load_graph
+
+    acc_quant = float((load_graph(manifest).predict(data.x_test[:2000]) == data.y_test[:2000]).mean())
+    samples = args.samples or (30 if args.model == "mlp" else 3)
+    r = bench(art, data, samples=samples, progress=False)
+    r.update({
+        "benchmark": f"import-{args.model}", "exporter": args.exporter, "onnx": onnx_path.name,
+        "accuracy_float_2000": acc_float, "accuracy_quantized_2000": acc_quant,
+        "loss_points": round(100 * (acc_float - acc_quant), 2), "table_lookups": manifest.data["stats"]["table_lookups"],
+        "config": {"in_bits": config.in_bits, "w_bits": config.w_bits, "a_bits": config.a_bits,
+                   "tlu_bits": config.tlu_bits, "p_error": manifest.data["backend"]["p_error"]},
+        "compile_s": round(compile_s, 1), "train_s": round(train_s, 1), "cpus": os.cpu_count(),
+        "load_avg_1m": os.getloadavg()[0],
+    })
+    print(json.dumps(r))
+
+
+if __name__ == "__main__":
+    main()

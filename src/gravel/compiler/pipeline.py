@@ -1,0 +1,114 @@
+"""The compiler's passes end to end: import, canonicalise, quantize, partition, plan shards,
+lower to concrete, write the artifact. Each step is named; a failure names the step, the steps
+that ran before it and (through the error itself) the node.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from gravel.compiler.artifact import write_artifact
+from gravel.compiler.ir import Graph
+from gravel.compiler.passes import Pass, canonicalise, run_passes
+from gravel.compiler.plan import DEFAULT_MAX_SHARDS, ShardPlan, Stage, make_plan, partition
+from gravel.compiler.program import DEFAULT_P_ERROR, compile_program
+from gravel.compiler.qgraph import QGraph
+from gravel.compiler.quantize import QuantConfig, conform_batch, quantize
+from gravel.errors import ModelError
+from gravel.protocol import Manifest
+
+__all__ = ["Compiled", "build", "compile_graph", "import_model"]
+
+
+@dataclass
+class Compiled:
+    """Everything the passes produced, for the artifact writer, `check` and tests."""
+
+    source: Graph  # as imported
+    graph: Graph  # canonical float graph
+    qgraph: QGraph
+    stages: list[Stage]
+    plan: ShardPlan
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def notes(self) -> list[str]:
+        return self.qgraph.notes
+
+
+def import_model(model: Any, sample: np.ndarray | None = None) -> tuple[Graph, dict[str, Any]]:
+    """A Graph and a description of a checkpoint path, an ONNX path, an nn.Module or a Graph.
+
+    `sample` (one batch in the model's input layout) fixes the input shape where the model
+    does not declare it (an nn.Module)."""
+    if isinstance(model, Graph):
+        return model, {"name": model.name, "source": "graph"}
+    from torch import nn
+
+    from gravel.compiler.importers import load_graph_model
+
+    # a checkpoint records its input shape and an ONNX file declares it: only a module needs one
+    return load_graph_model(model, sample if isinstance(model, nn.Module) else None)
+
+
+def build(model: Any, calib_x: np.ndarray, config: QuantConfig = QuantConfig(),
+          max_shards: int = DEFAULT_MAX_SHARDS) -> Compiled:
+    """Import, canonicalise, quantize (calibrating on `calib_x`), partition and plan."""
+    source, info = import_model(model, calib_x[:1])
+    graph = canonicalise(source)
+    calib = conform_batch(calib_x, graph.input_shape)
+    state: dict[str, Any] = {}
+
+    def _quantize(g: Graph) -> Graph:
+        state["q"] = quantize(g, calib, config)
+        return g
+
+    def _partition(g: Graph) -> Graph:
+        state["stages"] = partition(state["q"])
+        state["plan"] = make_plan(state["stages"], max_shards)
+        return g
+
+    run_passes(graph, [Pass("quantize", _quantize), Pass("partition and plan shards", _partition)],
+               check=lambda g: None)
+    return Compiled(source, graph, state["q"], state["stages"], state["plan"], info)
+
+
+def lower(compiled: Compiled, calib_x: np.ndarray, p_error: float = DEFAULT_P_ERROR, simulation: bool = False,
+          show_progress: bool = False, compress_keys: bool = True, fused: bool | None = None) -> Any:
+    """The concrete module of a built model (`fused` defaults to: every stage is one shard)."""
+    if fused is None:
+        fused = all(row.shards == 1 for row in compiled.plan.stages)
+    calib_q = compiled.qgraph.quantize_input(conform_batch(calib_x, compiled.graph.input_shape))
+    try:
+        return compile_program(compiled.qgraph, compiled.stages, compiled.plan, calib_q, p_error=p_error,
+                               simulation=simulation, show_progress=show_progress, compress_keys=compress_keys,
+                               fused=fused)
+    except ModelError as exc:
+        raise ModelError(f"pass 'lower to concrete' failed: {exc}") from exc
+
+
+def compile_graph(
+    model: Any,
+    calib_x: np.ndarray,
+    out: str | Path,
+    config: QuantConfig = QuantConfig(),
+    p_error: float = DEFAULT_P_ERROR,
+    max_shards: int = DEFAULT_MAX_SHARDS,
+    name: str | None = None,
+    overwrite: bool = False,
+    show_progress: bool = False,
+    compress_keys: bool = True,
+    fused: bool | None = None,
+) -> Manifest:
+    """All passes, then the artifact directory (written atomically: nothing half-written)."""
+    compiled = build(model, calib_x, config, max_shards)
+    if name:
+        compiled.info["name"] = name
+    module = lower(compiled, calib_x, p_error, show_progress=show_progress, compress_keys=compress_keys, fused=fused)
+    info = dict(compiled.info, notes=compiled.notes)
+    return write_artifact(out, compiled.qgraph, compiled.stages, compiled.plan, module, info, p_error,
+                          overwrite=overwrite)

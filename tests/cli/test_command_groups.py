@@ -1,0 +1,82 @@
+"""The CLI's shape: one module per command group, each registering its own commands beside
+their handlers; and the tables check and bench print, from their typed results."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from gravel.cli.main import COMMAND_GROUPS, build_parser, run_command
+
+
+def _subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return dict(action.choices)
+
+
+def test_each_group_registers_its_commands_with_its_own_handlers():
+    seen: dict[str, str] = {}
+    for group in COMMAND_GROUPS:
+        assert "register" in group.__all__
+        parser = argparse.ArgumentParser()
+        group.register(parser.add_subparsers(dest="command"))
+        for name, sub in _subcommands(parser).items():
+            assert name not in seen, f"{name} registered by {seen.get(name)} and {group.__name__}"
+            seen[name] = group.__name__
+            handler = sub.get_default("func")
+            assert handler.__module__ == group.__name__, (name, handler)
+    assert set(_subcommands(build_parser())) == set(seen)
+    assert {"train", "compile", "check", "bench", "keygen", "encrypt", "decrypt", "predict", "run", "serve",
+            "openapi", "deploy", "demo"} <= set(seen)
+
+
+def test_shared_options_keep_their_names_and_defaults():
+    subs = _subcommands(build_parser())
+    args = subs["compile"].parse_args(["m.pt", "--data", "digits", "--out", "m.gravel"])
+    assert (args.in_bits, args.w_bits, args.a_bits, args.tlu_bits, args.rounding, args.p_error, args.shards,
+            args.calib) == (2, 4, 3, 5, "auto", 0.01, 16, 500)
+    args = subs["encrypt"].parse_args(["a.gravel", "--secret", "s", "--out", "x.ct"])
+    assert (args.data, args.index, args.image) == ("digits", 0, None)
+    with pytest.raises(SystemExit):
+        subs["check"].parse_args(["m.pt"])  # --data is required there
+
+
+def test_a_gravel_error_is_one_line_and_status_2(capsys):
+    assert run_command(["train", "--data", "digits", "--arch", "nope", "--out", "x.pt"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("gravel train: error: unknown architecture 'nope'; choose one of ") and err.count("\n") == 1
+
+
+CHECK = {
+    "samples": 500, "accuracy_float": 0.95, "accuracy_quantized": 0.93, "simulated_samples": 100,
+    "accuracy_simulated": 0.92, "simulation_agreement": 0.99, "encrypted_samples": 3, "accuracy_encrypted": 1.0,
+    "encrypted_agreement": 1.0, "latency_s": 0.1234, "eval_key_bytes": 62_640_806, "pbs_count": 26,
+    "eval_key_bytes_estimate": 120_000_000, "warnings": [],
+    "layers": [{"stage": "stage0", "layer": "fc1", "activation": "relu", "accumulator_bits": 9, "tlu_bits": 5,
+                "table_lookups": 16, "accuracy_with_only_this_quantized": 0.94}],
+}
+
+
+def test_check_table():
+    from gravel.harness import format_check
+
+    lines = format_check(CHECK).splitlines()
+    assert lines[0] == "accuracy on 500 test images: float 0.9500, quantized 0.9300"
+    assert lines[1] == "FHE simulation on 100 images: accuracy 0.9200, agreement 0.990"
+    assert lines[2] == ("real encryption on 3 images: accuracy 1.0000, agreement 1.000, 0.12 s each, "
+                        "evaluation keys 62.6 MB")
+    assert lines[3] == "table lookups: 26; evaluation keys (uncompressed estimate): 120.0 MB"
+    assert lines[4].split() == ["stage", "layer", "act", "acc", "bits", "tlu", "bits", "lookups", "acc", "if",
+                                "only", "this", "quantized"]
+    assert lines[5].split() == ["stage0", "fc1", "relu", "9", "5", "16", "0.9400"] and len(lines) == 6
+    brief = {k: v for k, v in CHECK.items() if k != "accuracy_encrypted"} | {"simulated_samples": 0}
+    assert [line.split(":")[0] for line in format_check(brief).splitlines()[:2]] == ["accuracy on 500 test images",
+                                                                                     "table lookups"]
+
+
+def test_bench_lines():
+    from gravel.harness import format_bench
+
+    assert format_bench({"model": "digits", "latency_s": 0.5}).splitlines() == [
+        f"{'model':20} digits", f"{'latency_s':20} 0.5"]

@@ -1,0 +1,48 @@
+"""Small float graphs built by hand, for tests of the passes that need no importer."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from gravel.compiler.ir import Graph, Node
+
+
+def conv_attrs(rng: np.random.Generator, o: int, c: int, k: int = 3, pads=(1, 1, 1, 1), strides=(1, 1), group=1):
+    return dict(weight=rng.normal(0, 0.4, (o, c // group, k, k)), bias=rng.normal(0, 0.1, o), strides=strides,
+                pads=pads, dilations=(1, 1), group=group)
+
+
+def residual_cnn(rng: np.random.Generator) -> Graph:
+    """norm -> conv -> bn -> relu -> conv -> bn -> (+ skip) -> relu -> maxpool -> flatten -> gemm."""
+    c = 4
+    bn = lambda: dict(scale=rng.uniform(0.5, 1.5, (c, 1, 1)), shift=rng.normal(0, 0.1, (c, 1, 1)))  # noqa: E731
+    nodes = [
+        Node("x", "input"),
+        Node("norm", "affine", ("x",), dict(scale=1 / 0.3, shift=-0.5 / 0.3)),
+        Node("c1", "conv", ("norm",), conv_attrs(rng, c, 1)),
+        Node("b1", "affine", ("c1",), bn()),
+        Node("r1", "act", ("b1",), dict(fn="relu")),
+        Node("c2", "conv", ("r1",), conv_attrs(rng, c, c)),
+        Node("b2", "affine", ("c2",), bn()),
+        Node("add", "add", ("b2", "r1")),
+        Node("r2", "act", ("add",), dict(fn="relu")),
+        Node("mp", "maxpool", ("r2",), dict(kernel=(2, 2), strides=(2, 2))),
+        Node("fl", "reshape", ("mp",), dict(shape=(c * 16,))),
+        Node("fc", "gemm", ("fl",), dict(weight=rng.normal(0, 0.3, (10, c * 16)), bias=rng.normal(0, 0.1, 10))),
+        Node("sm", "softmax", ("fc",), dict(axis=0)),
+    ]
+    g = Graph(nodes, "sm", (1, 8, 8), "residual")
+    g.check()
+    return g
+
+
+def mlp(rng: np.random.Generator, act: dict, hidden: int = 16) -> Graph:
+    nodes = [
+        Node("x", "input"),
+        Node("fc1", "gemm", ("x",), dict(weight=rng.normal(0, 0.3, (hidden, 64)), bias=rng.normal(0, 0.1, hidden))),
+        Node("a1", "act", ("fc1",), act),
+        Node("fc2", "gemm", ("a1",), dict(weight=rng.normal(0, 0.3, (10, hidden)), bias=rng.normal(0, 0.1, 10))),
+    ]
+    g = Graph(nodes, "fc2", (64,), "mlp")
+    g.check()
+    return g
