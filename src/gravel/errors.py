@@ -7,6 +7,8 @@
     ├── KeyMismatchError         keys or ciphertexts belong to another model, or are of another kind
     │   └── BlobFormatError      the bytes are not a well-formed Gravel blob: truncated, garbled, empty
     ├── InputError               an input has the wrong shape, dtype or value range
+    ├── DepthError               a CKKS computation needs more multiplicative depth than its
+    │                            parameters, or any secure parameter set, allow
     ├── ClusterError             the Ray cluster cannot be reached, has no room, or lost the work
     └── ServiceError             talking to a Gravel server failed (`status`: HTTP status or None)
         ├── ServerUnreachableError   no answer came: refused, unknown host, timed out, cut off
@@ -29,6 +31,7 @@ __all__ = [
     "BlobFormatError",
     "ClusterError",
     "DataError",
+    "DepthError",
     "GravelError",
     "InputError",
     "KeyMismatchError",
@@ -67,6 +70,11 @@ class BlobFormatError(KeyMismatchError):
 
 class InputError(GravelError):
     """An input array does not match what the model expects."""
+
+
+class DepthError(GravelError):
+    """A CKKS computation has run out of levels (no bootstrapping: depth is a budget), or no
+    parameter set of the 128-bit security table gives the depth asked for."""
 
 
 class ClusterError(GravelError):

@@ -11,15 +11,16 @@ import argparse
 import sys
 import warnings
 
-from gravel.cli import client_cmds, demo_cmds, model_cmds, server_cmds
+from gravel.cli import client_cmds, demo_cmds, model_cmds, server_cmds, train_encrypted
 from gravel.errors import GravelError
 
 warnings.filterwarnings("ignore", message="pkg_resources is deprecated")
 
 __all__ = ["COMMAND_GROUPS", "build_parser", "main", "run_command"]
 
-# In the order `gravel --help` lists them: the model owner's, the client's, the server's, the demo.
-COMMAND_GROUPS = (model_cmds, client_cmds, server_cmds, demo_cmds)
+# In the order `gravel --help` lists them: the model owner's, the client's, the server's, the demo,
+# then training on encrypted data (CKKS).
+COMMAND_GROUPS = (model_cmds, client_cmds, server_cmds, demo_cmds, train_encrypted)
 
 
 def build_parser() -> argparse.ArgumentParser:

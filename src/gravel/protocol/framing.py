@@ -26,6 +26,10 @@ class Kind(IntEnum):
     INPUT_CIPHERTEXT = 2
     OUTPUT_CIPHERTEXT = 3
     SECRET_KEYS = 4
+    # CKKS (gravel.ckks / gravel.tensor): the digest of a context blob is the SHA-256 of its own
+    # payload; that of a ciphertext blob is the SHA-256 of its public context's payload.
+    CKKS_PUBLIC_CONTEXT = 5
+    CKKS_CIPHERTEXT = 6
 
     @property
     def label(self) -> str:
