@@ -86,10 +86,10 @@ class QuantConfig:
 
 
 # (in_bits, w_bits, a_bits, tlu_bits) rungs of the post-training search, cheapest first: on the
-# corpus of tests/compiler/corpus.py, 4/7/4/6 kept every trained model within 1.9 points of
+# corpus of tests/compiler/corpus.py, 4/7/4/6 or 5/8/5/6 kept trained models within 1.9 points of
 # float where the 3/5/4/5 start lost up to 7 on tiny activation-heavy models; weight and input
 # bits widen accumulators only, lookup bits (tlu_bits) set the cost of every lookup.
-SEARCH_LADDER = ((4, 7, 4, 5), (4, 7, 4, 6))
+SEARCH_LADDER = ((4, 7, 4, 5), (4, 7, 4, 6), (5, 8, 5, 6))
 
 
 def conform_batch(x: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
