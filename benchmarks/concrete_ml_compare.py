@@ -33,6 +33,7 @@ still run.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -225,7 +226,8 @@ def main() -> None:
 
     if "gravel_ptq" in paths:
         onnx_path = RUNS / "compare-mlp.onnx"  # exported each run: exactly the weights CML gets
-        export(model, torch.from_numpy(data.x_test[:1]).float(), onnx_path, "dynamo")
+        with contextlib.redirect_stdout(sys.stderr):  # the exporter talks; stdout is for the JSON
+            export(model, torch.from_numpy(data.x_test[:1]).float(), onnx_path, "dynamo")
         _log(f"gravel_ptq: compile {onnx_path.name} and run {args.samples} encrypted images")
         try:
             results["gravel_ptq"] = run_gravel(onnx_path, data, calib, args.samples)
