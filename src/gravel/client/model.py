@@ -71,6 +71,9 @@ class ClientModel:
         self.input_shape = self.quantizer.shape
         self.first = manifest.input_function
         self.last = manifest.output_function
+        # the input function's clear arguments (a shard's weights), which the client does not send
+        row = next(r for r in manifest.plan if r["name"] == self.first)
+        self._clear_placeholders = (None, None) if row.get("shardable") else ()
         self.out_scale = np.asarray(manifest.output["scale"])
         self.out_offset = np.asarray(manifest.output["offset"])
 
@@ -93,7 +96,8 @@ class ClientModel:
     def encrypt(self, keys: SecretKeys, image: np.ndarray) -> bytes:
         self._check(keys)
         self._client.keys = keys._keys
-        value = self._client.encrypt(self.quantize(image), None, None, function_name=self.first)[0]
+        values = self._client.encrypt(self.quantize(image), *self._clear_placeholders, function_name=self.first)
+        value = values[0] if isinstance(values, tuple) else values
         return frame(Kind.INPUT_CIPHERTEXT, self.digest, value.serialize())
 
     def decrypt(self, keys: SecretKeys, ciphertext: bytes) -> np.ndarray:

@@ -246,7 +246,9 @@ class _Quantizer:
         qmax = max(1, 2 ** (bits - 1) - 1)
         out_shape = self.g.shapes[node.name]
         if w_scale is None or w_scale == "tensor":
-            w_scale = _weight_scale(w, qmax, bits == 1 or w_scale == "tensor")
+            # a QAT layer (w_bits in the model) was trained with one scale per tensor: keep it
+            per_tensor = w_scale == "tensor" or bits == 1 or node.attrs.get("w_bits") is not None
+            w_scale = _weight_scale(w, qmax, per_tensor)
         per_out = np.broadcast_to(np.asarray(w_scale, dtype=np.float64), (w.shape[0],))
         w_int = np.round(w / per_out.reshape((-1,) + (1,) * (w.ndim - 1))).astype(np.int64)
         channel = per_out if kind == "gemm" else per_out.reshape(-1, 1, 1)
@@ -561,10 +563,10 @@ class _Quantizer:
 PER_CHANNEL_RATIO = 4.0
 
 
-def _weight_scale(w: np.ndarray, qmax: int, binary: bool) -> float | np.ndarray:
+def _weight_scale(w: np.ndarray, qmax: int, per_tensor: bool) -> float | np.ndarray:
     per_out = np.abs(w).reshape(w.shape[0], -1).max(axis=1)
     top = max(float(per_out.max()), 1e-12)
-    if binary or per_out.min() * PER_CHANNEL_RATIO >= top:
+    if per_tensor or per_out.min() * PER_CHANNEL_RATIO >= top:
         return top / qmax
     return np.maximum(per_out, top * 1e-6) / qmax
 
