@@ -22,16 +22,34 @@ def test_bench_reports_every_figure(digits_artifact, digits):
     assert 0 <= r["agreement"] <= 1 and r["latency_s"] > 0
 
 
-def test_check_reports_layers_and_warns(digits_checkpoint, digits):
+def test_check_reports_stages_estimates_and_warns(digits_checkpoint, digits):
     r = check(digits_checkpoint, digits, samples=200, sim_samples=20, fhe_samples=1, calib=200, progress=False)
-    assert [row["stage"] for row in r["layers"]] == ["stage0", "stage1"]
-    assert r["layers"][0]["tlu_bits"] <= 5 and r["layers"][0]["table_lookups"] == 16
+    assert r["supported"] and [row["stage"] for row in r["stages"]] == ["stage0", "stage1"]
+    assert r["stages"][0]["table_lookups"] == 16 and r["table_lookups"] == 16
+    assert all(int(bits) <= 5 for bits in r["lookup_bits"])  # lookups on at most tlu_bits bits
+    assert r["latency_estimate_s"] > 0 and r["eval_key_bytes_estimate"] > 1e6
     assert r["accuracy_float"] > 0.7 and r["encrypted_samples"] == 1
-    # 2-bit weights on a tiny layer: quantization must be flagged, naming the layer
+    # 2-bit lookups lose accuracy: check names the layer and the bits that keep it
     r2 = check(digits_checkpoint, digits, samples=200, sim_samples=0, fhe_samples=0, calib=200, progress=False,
-               config=__import__("gravel").QuantConfig(tlu_bits=2))
-    assert any("layer '" in w for w in r2["warnings"])
+               config=__import__("gravel").QuantConfig(tlu_bits=2, search=False), estimate=False)
+    assert any("loses the most accuracy" in w and "bits keep the model within" in w or "raise" in w
+               for w in r2["warnings"]), r2["warnings"]
     assert r2["accuracy_simulated"] is None
+
+
+def test_check_lists_every_unsupported_node_at_once(tmp_path, digits):
+    from torch import nn
+
+    class Odd(nn.Module):
+        def forward(self, x):
+            return torch.cumsum(x.flatten(1), 1)[:, :10] + torch.sort(x.flatten(1), 1).values[:, :10]
+
+    path = tmp_path / "odd.onnx"
+    torch.onnx.export(Odd(), (torch.zeros(1, 1, 8, 8),), str(path), dynamo=False)
+    r = check(path, digits, samples=10, sim_samples=0, fhe_samples=0, calib=20, progress=False)
+    assert r["supported"] is False
+    text = "\n".join(r["problems"])
+    assert "CumSum" in text and ("TopK" in text or "Sort" in text or "Slice" in text)
 
 
 def test_onnx_float_model_compiles_post_training(tmp_path, digits):
@@ -54,8 +72,9 @@ def test_check_per_layer_analysis_on_conv_first_float_model(tmp_path, digits):
     metrics = train(model, digits, epochs=8, lr=1e-2, progress=False)
     path = tmp_path / "cnn.pt"
     save_checkpoint(Checkpoint("float-cnn", opts, digits.image_shape, 10, "digits", model, metrics), path)
-    r = check(path, digits, samples=200, sim_samples=5, fhe_samples=0, calib=200, progress=False)
-    first = r["layers"][0]
+    r = check(path, digits, samples=200, sim_samples=5, fhe_samples=0, calib=200, progress=False, estimate=False)
+    first = r["stages"][0]
     assert first["table_lookups"] == 2 * 8 * 8  # 2 channels x 8x8 positions
-    # quantizing only the conv stage must not be far below the float model
-    assert first["accuracy_with_only_this_quantized"] > r["accuracy_float"] - 0.1
+    # the post-training search keeps the quantized model close to the float model
+    assert r["accuracy_quantized"] > r["accuracy_float"] - 0.05
+    assert any("post-training quantization chose" in w for w in r["warnings"])
