@@ -108,11 +108,10 @@ def partition(graph: QGraph) -> list[Stage]:
         for s in readers:
             s.inputs = ["relay" if i == INPUT else i for i in s.inputs]
         stages.insert(0, relay)
-        for k, s in enumerate(stages):
-            old = s.name
-            s.name = f"stage{k}"
-            for t in stages:
-                t.inputs = [s.name if i == old else i for i in t.inputs]
+        renamed = {s.name: f"stage{k}" for k, s in enumerate(stages)}  # one pass: no name collides
+        for s in stages:
+            s.name = renamed[s.name]
+            s.inputs = [renamed.get(i, i) for i in s.inputs]
     return stages
 
 

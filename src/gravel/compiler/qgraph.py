@@ -276,7 +276,15 @@ def run_node(node: QNode, args: list[Any], backend: Any, w: Any = None, b: Any =
     if op == "add":
         return x * a["ma"] + args[1] * a["mb"] if a["ma"] != 1 or a["mb"] != 1 else x + args[1]
     if op == "mul":
-        return x * args[1]
+        # concrete-python 2.11 multiplies a signed by an unsigned ciphertext wrongly (checked:
+        # simulation and execution): the unsigned operand is moved below zero by k and k times
+        # the other added back, a * u = a * (u - k) + k * a, exact in integers
+        y, ka, kb = args[1], int(a.get("shift_a", 0)), int(a.get("shift_b", 0))
+        if kb:
+            return x * (y - kb) + x * kb
+        if ka:
+            return (x - ka) * y + y * ka
+        return x * y
     if op in ("maxpool", "sumpool"):
         cols = _windows(node, x, backend, a["in_shape"], a.get("pad", 0))  # (..., C, k, P)
         k = cols.shape[-2]

@@ -17,7 +17,7 @@ accumulator before each lookup is rounded to `tlu_bits` bits.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -196,9 +196,13 @@ class _Quantizer:
             lo, hi = 0.0, 1.0
         else:
             lo, hi = float(self.x.min()), float(self.x.max())
-        self.input_quant = InputQuantizer.over_range(self.g.input_shape, bits, lo, hi)
+        iq = InputQuantizer.over_range(self.g.input_shape, bits, lo, hi)
+        levels = iq.quantize_batch(self.x)
+        # the levels calibration saw: a client's input is clipped to them, so it always fits the
+        # integer type concrete gave the input
+        self.input_quant = replace(iq, qmin=int(levels.min()), qmax=int(levels.max()))
         shape = tuple(self.g.input_shape)
-        self.ints["input"] = self.input_quant.quantize_batch(self.x)
+        self.ints["input"] = levels
         meta = _Meta(np.full(shape, self.input_quant.step), np.full(shape, self.input_quant.lo))
         self._emit(QNode("input", "input", (), source=node.source or node.name), node.name, meta)
 
@@ -360,7 +364,11 @@ class _Quantizer:
         }
         shape = meta.scale.shape
         q = QNode(self._unique(name), "lut", (src,), attrs, source)
-        return self._emit(q, name, _Meta(np.full(shape, float(s_out)), np.full(shape, float(o_out))))
+        self._emit(q, name, _Meta(np.full(shape, float(s_out)), np.full(shape, float(o_out))))
+        # concrete sizes every integer from the calibration set and wraps what falls outside:
+        # clipping each table to the outputs calibration produced keeps lookups in bounds
+        q.attrs["qmin"], q.attrs["qmax"] = q.lo, q.hi
+        return q
 
     def node(self, qname: str) -> QNode:
         for n in reversed(self.nodes):
@@ -453,14 +461,21 @@ class _Quantizer:
         srcs, metas = [], []
         for k, n in enumerate(node.inputs):
             src, meta = self.alias[n], self.meta[n]
-            if not np.allclose(meta.offset, 0):
-                src, meta = self._requant(n, f"{node.where} multiplies tensors without offsets", signed=True)
+            q = self.node(src)
+            # concrete multiplies two ciphertexts with lookups on their sum's width: keep both narrow
+            narrow = signed_width(q.lo, q.hi) <= self.cfg.a_bits + 1
+            if not np.allclose(meta.offset, 0) or not narrow:
+                src, meta = self._requant(n, f"{node.where} multiplies narrow tensors without offsets", signed=True)
             srcs.append(src)
             metas.append(meta)
         shape = self.g.shapes[node.name]
         if any(m.scale.shape != shape for m in metas):
             raise ModelError(f"{node.where}: broadcasting in a product of two computed tensors is not supported")
-        q = QNode(self._unique(node.name), "mul", tuple(srcs), {}, node.source or node.name)
+        qa, qb = self.node(srcs[0]), self.node(srcs[1])
+        attrs = {}
+        if (qa.lo < 0) != (qb.lo < 0):  # one signed, one unsigned: see run_node's "mul"
+            attrs["shift_b" if qb.lo >= 0 else "shift_a"] = (qb.hi if qb.lo >= 0 else qa.hi) + 1
+        q = QNode(self._unique(node.name), "mul", tuple(srcs), attrs, node.source or node.name)
         self._emit(q, node.name, _Meta(metas[0].scale * metas[1].scale, np.zeros(shape)))
 
     def _window_attrs(self, node: Node) -> dict[str, Any]:

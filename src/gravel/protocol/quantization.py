@@ -3,7 +3,7 @@
 One class both writes this rule (the compiler, into the manifest) and applies it (the client,
 the CLI, the SDK, the harness), so the two sides cannot drift apart:
 
-    q = clip(floor((x - lo) / step + 0.5), 0, 2^bits - 1)
+    q = clip(floor((x - lo) / step + 0.5), qmin, qmax)     (qmin..qmax within 0..2^bits - 1)
 
 `shape` is the model's declared per-sample input shape. Data with the same number of elements
 in another layout (a 28x28 image for a [784] model) is reshaped, the same way everywhere; any
@@ -51,6 +51,8 @@ class InputQuantizer:
     bits: int
     lo: float
     step: float
+    qmin: int = 0  # the levels the model was calibrated on; inputs are clipped to them
+    qmax: int | None = None
 
     def __post_init__(self) -> None:
         if not 1 <= self.bits <= 16 or not self.step > 0 or not math.isfinite(self.lo):
@@ -96,10 +98,11 @@ class InputQuantizer:
 
     def _levels(self, x: np.ndarray) -> np.ndarray:
         q = np.floor((x - self.lo) / self.step + 0.5)
-        return np.clip(q, 0, self.levels).astype(np.int64)
+        return np.clip(q, self.qmin, self.levels if self.qmax is None else self.qmax).astype(np.int64)
 
     def to_json(self) -> dict[str, Any]:
-        return {"shape": list(self.shape), "bits": self.bits, "lo": self.lo, "step": self.step, "dtype": "float32"}
+        return {"shape": list(self.shape), "bits": self.bits, "lo": self.lo, "step": self.step, "qmin": self.qmin,
+                "qmax": self.levels if self.qmax is None else self.qmax, "dtype": "float32"}
 
     @staticmethod
     def from_json(data: dict[str, Any]) -> InputQuantizer:
@@ -107,6 +110,6 @@ class InputQuantizer:
             if "lo" not in data:  # format 1 manifests: images in [0, 1]
                 return InputQuantizer.over_range(tuple(data["shape"]), int(data["bits"]), 0.0, 1.0)
             return InputQuantizer(tuple(int(d) for d in data["shape"]), int(data["bits"]), float(data["lo"]),
-                                  float(data["step"]))
+                                  float(data["step"]), int(data.get("qmin", 0)), data.get("qmax"))
         except (KeyError, TypeError, ValueError) as exc:
             raise InputError(f"the manifest's input quantization is malformed ({exc})") from exc
