@@ -99,6 +99,8 @@ def main() -> None:
     ap.add_argument("model", choices=["mlp", "resnet"])
     ap.add_argument("--samples", type=int, default=None, help="encrypted test images (default 30 mlp, 3 resnet)")
     ap.add_argument("--exporter", choices=["dynamo", "legacy"], default="dynamo")
+    ap.add_argument("--epochs", type=int, help="training epochs when no cached model (default 30 mlp, 24 resnet)")
+    ap.add_argument("--width", type=int, default=8, help="resnet: channels of the first stage (default 8)")
     ap.add_argument("--shards", type=int, default=1, help="most shards per stage (1: one process, fused)")
     ap.add_argument("--in-bits", type=int)
     ap.add_argument("--w-bits", type=int)
@@ -114,18 +116,19 @@ def main() -> None:
 
     data = load_dataset("mnist" if args.model == "mlp" else "fashion-mnist")
     RUNS.mkdir(exist_ok=True)
-    onnx_path = RUNS / f"{args.model}-{args.exporter}.onnx"
-    weights = RUNS / f"{args.model}.pt"
-    model = ReferenceMLP() if args.model == "mlp" else SmallResNet()
+    tag = args.model if args.model == "mlp" else f"resnet{args.width}"
+    onnx_path = RUNS / f"{tag}-{args.exporter}.onnx"
+    weights = RUNS / (f"{args.model}.pt" if args.model == "mlp" else f"resnet{args.width}.pt")
+    model = ReferenceMLP() if args.model == "mlp" else SmallResNet(args.width)
     t = time.perf_counter()
     if weights.exists():
         model.load_state_dict(torch.load(weights, weights_only=True))
         model.eval()
     else:
         if args.model == "mlp":
-            train(model, data.x_train, data.y_train, epochs=30, lr=2e-3)
+            train(model, data.x_train, data.y_train, epochs=args.epochs or 30, lr=2e-3)
         else:
-            train(model, data.x_train, data.y_train, epochs=8, lr=3e-3)
+            train(model, data.x_train, data.y_train, epochs=args.epochs or 24, lr=3e-3)
         torch.save(model.state_dict(), weights)
     train_s = time.perf_counter() - t
     if not onnx_path.exists():
@@ -138,7 +141,7 @@ def main() -> None:
     kwargs = {"max_shards": args.shards}
     if args.p_error is not None:
         kwargs["p_error"] = args.p_error
-    art = RUNS / f"{args.model}-{args.exporter}.gravel"
+    art = RUNS / f"{tag}-{args.exporter}.gravel"
     t = time.perf_counter()
     manifest = compile_model(onnx_path, calib_images(data, 500), art, config, overwrite=True,
                              calib_y=calib_labels(data, 500), **kwargs)

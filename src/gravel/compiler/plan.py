@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from gravel.compiler.qgraph import QGraph, QNode
+from gravel.protocol.manifest import shard_columns
 
 __all__ = ["DEFAULT_MAX_SHARDS", "ShardPlan", "Stage", "StagePlan", "make_plan", "partition", "shard_weights"]
 
@@ -173,12 +174,6 @@ def make_plan(stages: list[Stage], max_shards: int = DEFAULT_MAX_SHARDS) -> Shar
 
 
 def shard_weights(stage: Stage, shards: int, index: int) -> tuple[np.ndarray, np.ndarray]:
-    """The contiguous weight columns and bias of one shard of a shardable stage.
-
-    Contiguity matters: concrete-python 2.11 misreads non-contiguous numpy views passed as
-    clear arguments (a column slice gives wrong results without any error)."""
+    """The weight columns and bias of one shard of a shardable stage (protocol's rule)."""
     lin = stage.linear
-    size = stage.channels // shards
-    cols = slice(index * size, (index + 1) * size)
-    w = np.ascontiguousarray(lin.attrs["weight"][:, cols], dtype=np.int64)
-    return w, np.ascontiguousarray(lin.attrs["bias"][cols], dtype=np.int64)
+    return shard_columns(lin.attrs["weight"], lin.attrs["bias"], shards, index)

@@ -21,6 +21,7 @@ import numpy as np
 from gravel.compiler.plan import INPUT, ShardPlan, Stage, shard_weights
 from gravel.compiler.qgraph import NumpyBackend, QGraph, TraceBackend, run_node
 from gravel.errors import ModelError
+from gravel.protocol.manifest import stage_arguments
 
 __all__ = ["DEFAULT_P_ERROR", "FUSED", "compile_program", "fused_compatible", "run_stage"]
 
@@ -99,7 +100,7 @@ def stage_outputs(graph: QGraph, stages: list[Stage], plan: ShardPlan, q: np.nda
     shards_of = {INPUT: 1} | {row.name: row.shards for row in plan.stages}
     outputs: dict[str, list[np.ndarray]] = {INPUT: [q]}
     for st, row in zip(stages, plan.stages):
-        parts = [p for i in st.inputs for p in outputs[i]]
+        parts = stage_arguments(row.to_json(), outputs)
         if row.shardable:
             outputs[st.name] = [
                 run_stage(st, parts, shards_of, backend, *shard_weights(st, row.shards, j)) for j in range(row.shards)
@@ -114,7 +115,7 @@ def inputsets(graph: QGraph, stages: list[Stage], plan: ShardPlan, calib_q: np.n
     outputs = stage_outputs(graph, stages, plan, calib_q)
     sets: dict[str, list[tuple]] = {}
     for st, row in zip(stages, plan.stages):
-        parts = [p for i in st.inputs for p in outputs[i]]
+        parts = stage_arguments(row.to_json(), outputs)
         weights = [shard_weights(st, row.shards, j) for j in range(row.shards)] if row.shardable else [()]
         samples = []
         for n in range(len(calib_q)):

@@ -17,6 +17,7 @@ from gravel.errors import ArtifactError
 
 __all__ = [
     "CLIENT_FILES", "FORMAT_VERSION", "INPUT", "SERVER_FILES", "Manifest", "file_sha256", "load_manifest",
+    "shard_columns",
     "stage_arguments",
 ]
 
@@ -86,6 +87,20 @@ class Manifest:
 
     def path(self, name: str) -> Path:
         return self.root / name
+
+
+def shard_columns(weight: Any, bias: Any, shards: int, index: int) -> tuple[Any, Any]:
+    """Shard `index` of `shards` of a stage: its contiguous slice of the weight's output columns
+    and of the bias (channels first). The one rule the compiler's inputsets and the server share.
+
+    Contiguity matters: concrete-python 2.11 misreads non-contiguous numpy views passed as
+    clear arguments (a column slice gives wrong results without any error)."""
+    import numpy as np
+
+    size = weight.shape[1] // shards
+    cols = slice(index * size, (index + 1) * size)
+    return (np.ascontiguousarray(weight[:, cols], dtype=np.int64),
+            np.ascontiguousarray(bias[cols], dtype=np.int64))
 
 
 def stage_arguments(row: dict[str, Any], outputs: dict[str, list[Any]]) -> list[Any]:

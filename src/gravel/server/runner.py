@@ -11,7 +11,7 @@ import numpy as np
 
 from gravel.errors import BlobFormatError
 from gravel.protocol import Kind, Manifest, frame, load_manifest, unframe
-from gravel.protocol.manifest import INPUT, stage_arguments
+from gravel.protocol.manifest import INPUT, shard_columns, stage_arguments
 
 __all__ = ["ServerModel", "StageTrace", "parse_blob"]
 
@@ -61,16 +61,10 @@ class ServerModel:
                 continue
             linear = next(n for n in by_stage[row["name"]]["nodes"] if f"{n}.weight" in arrays)
             w, b = arrays[f"{linear}.weight"], arrays[f"{linear}.bias"]
-            size, parts = row["shard_size"], row["in_parts"]
+            parts = row["in_parts"]
             self.shards.append(
-                [
-                    prepare(
-                        row["name"],
-                        (parts, parts + 1),
-                        (w[:, j * size : (j + 1) * size], b[j * size : (j + 1) * size]),
-                    )
-                    for j in range(row["shards"])
-                ]
+                [prepare(row["name"], (parts, parts + 1), shard_columns(w, b, row["shards"], j))
+                 for j in range(row["shards"])]
             )
 
         # The whole network as one function, where the compiler verified that it reads and
