@@ -75,6 +75,21 @@ def rng():
     return np.random.default_rng(0)
 
 
+# Test files that start a Ray instance run in one pytest-xdist process, one after another: two
+# embedded Rays on one small machine at once starve each other (lost objects, timeouts). Every
+# other file is a group of its own, so its module fixtures are built once (--dist loadgroup).
+RAY_FILES = {
+    "tests/cluster/test_executor.py", "tests/cli/test_cli.py", "tests/harness/test_scaling.py",
+    "tests/harness/test_demo.py", "tests/service/test_sdk_cli.py",
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        path = item.nodeid.split("::")[0]
+        item.add_marker(pytest.mark.xdist_group("ray" if path in RAY_FILES else path))
+
+
 # concrete-python's runtime, once it has run in this process, makes the interpreter exit with
 # status 0 from its own teardown, whatever pytest decided: a failing suite would look green.
 # Leave with pytest's exit status after every plugin has finished.
