@@ -124,8 +124,7 @@ class Store:
         self.view_dir = self.root / "views"
         for d in (self.blob_dir, self.tmp_dir, self.view_dir):
             d.mkdir(parents=True, exist_ok=True)
-        for leftover in self.tmp_dir.iterdir():  # uploads cut short by a crash
-            leftover.unlink(missing_ok=True)
+        clear_leftovers(self.tmp_dir)
         self.lock = threading.RLock()
         self._db = sqlite3.connect(self.root / "gravel.db", check_same_thread=False, isolation_level=None)
         self._db.row_factory = sqlite3.Row
@@ -350,6 +349,17 @@ class Store:
             )
             self.collect_garbage()
             return gone
+
+
+def clear_leftovers(tmp_dir: Path) -> None:
+    """Empty tmp/ at start: uploads cut short by a crash are files, but an unpacked deploy
+    (`artifact-*`) or a model view being built (`view-*`) is a directory, and a start-up that
+    stumbled on one would keep the service down until someone removed it by hand."""
+    for leftover in tmp_dir.iterdir():
+        if leftover.is_dir() and not leftover.is_symlink():
+            shutil.rmtree(leftover, ignore_errors=True)
+        else:
+            leftover.unlink(missing_ok=True)
 
 
 def _model_row(row: sqlite3.Row) -> dict[str, Any]:
