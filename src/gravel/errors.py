@@ -6,7 +6,10 @@
     ├── ArtifactError        an artifact directory is incomplete, altered or of another version
     ├── KeyMismatchError     keys or ciphertexts belong to another model, or are not keys at all
     ├── InputError           an input has the wrong shape, dtype or value range
-    └── ServiceError         a Gravel server answered with an error, or could not be reached
+    ├── ServiceError         a Gravel server answered with an error, or could not be reached
+    ├── ServerFault          a server could not do what a valid request asked: its own fault (5xx)
+    │   └── StorageFullError the server's disk (or quota) is full
+    └── InferenceCancelled   an inference was stopped on request before it finished
 
 Every message names the file, layer or value at fault and, where there is one, what to do.
 """
@@ -21,6 +24,9 @@ __all__ = [
     "KeyMismatchError",
     "InputError",
     "ServiceError",
+    "ServerFault",
+    "StorageFullError",
+    "InferenceCancelled",
 ]
 
 
@@ -55,3 +61,18 @@ class ServiceError(GravelError):
     def __init__(self, message: str, status: int | None = None) -> None:
         super().__init__(message)
         self.status = status
+
+
+class ServerFault(GravelError):
+    """The server failed at a request that was valid: its own fault, never the client's, so the
+    service answers 5xx (and logs the details under an error id) instead of 4xx."""
+
+
+class StorageFullError(ServerFault):
+    """The server's disk or quota is full: nothing new can be stored until space is freed;
+    what is already stored is intact and stays readable."""
+
+
+class InferenceCancelled(GravelError):
+    """An inference was stopped on request (a cancelled job, a client that went away) at the
+    next point where the engine checks: between items, stages or shards."""
