@@ -1,8 +1,10 @@
-"""The HTTP service: `create_app(config)` builds the FastAPI app that `gravel serve` runs.
+"""The HTTP service: `create_app(config)` builds the FastAPI app that `gravel serve` runs
+(through gravel.service.connections, which adds the connection limits).
 
 Start-up opens the store (SQLite + blobs), starts the engine (in-process or Ray), re-queues
 the jobs the last process acknowledged but did not finish, and starts the sweeper that expires
-idle sessions and old results. Every error leaves as JSON `{"detail": "..."}`.
+idle sessions and old results. Every error leaves as JSON `{"detail": "..."}` with the status
+of whose fault it is (gravel.service.api_errors).
 """
 
 from __future__ import annotations
@@ -15,23 +17,20 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
-from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.routing import Match
 
 import gravel
-from gravel.errors import GravelError
 from gravel.protocol import is_batch, unpack_batch
 from gravel.service import routes_models, routes_sessions
+from gravel.service.api_errors import install_error_handlers
 from gravel.service.auth import hash_token, new_token
 from gravel.service.config import ServiceConfig
+from gravel.service.container import Service, service_of
 from gravel.service.engine import make_engine
 from gravel.service.jobs import JobRunner
 from gravel.service.metrics import Metrics
-from gravel.service.state import Service, service_of
 from gravel.service.store import Store
 
 __all__ = ["create_app"]
@@ -68,14 +67,16 @@ def admin_hash(config: ServiceConfig) -> str:
 
 
 def _recover(svc: Service) -> int:
-    """Re-queue the jobs acknowledged before the last stop and not finished."""
+    """Re-queue the jobs acknowledged before the last stop and not finished (beyond the
+    session quota if need be: they were accepted once)."""
     jobs = svc.store.unfinished_jobs()
     for row in jobs:
         data = svc.store.read_blob(row["input_sha"])
         batch = is_batch(data)
         items = unpack_batch(data) if batch else [data]
         session, model = svc.store.get_session(row["session"]), svc.store.get_model(row["model"])
-        svc.runner.submit(svc.make_job(session, model, items, persisted=True, batch=batch, jid=row["id"]))
+        job = svc.make_job(session, model, items, persisted=True, batch=batch, jid=row["id"])
+        svc.runner.submit(job, quota=False)
     return len(jobs)
 
 
@@ -86,6 +87,7 @@ async def _sweep(svc: Service) -> None:
             c = svc.config
             gone = await run_in_threadpool(svc.store.expire, c.session_ttl_s, c.result_ttl_s, c.fetched_grace_s)
             for sid in gone:
+                svc.runner.cancel_session(sid)
                 svc.engine.drop_session(sid)
             svc.metrics.sessions.set(svc.store.count_sessions())
         except Exception:  # noqa: BLE001 - the sweeper must outlive one bad pass
@@ -99,10 +101,11 @@ def create_app(config: ServiceConfig | None = None) -> FastAPI:
     async def lifespan(app: FastAPI):
         Path(config.data_dir).mkdir(parents=True, exist_ok=True)
         store = Store(config.data_dir)
-        engine = make_engine(config.executor, config.ray_address, config.workers)
+        engine = make_engine(config.executor, config.ray_address, config.workers, config.key_cache_bytes)
         metrics = Metrics()
-        svc = Service(config, store, engine, None, metrics, admin_hash(config), time.time())  # type: ignore[arg-type]
-        svc.runner = JobRunner(store, engine, on_finish=svc.finish)
+        runner = JobRunner(store, engine, session_items=config.max_session_items)
+        svc = Service(config, store, engine, runner, metrics, admin_hash(config), time.time())
+        runner.on_finish = svc.finish
         app.state.service = svc
         recovered = _recover(svc)
         metrics.sessions.set(store.count_sessions())
@@ -111,7 +114,7 @@ def create_app(config: ServiceConfig | None = None) -> FastAPI:
         sweeper = asyncio.create_task(_sweep(svc))
         yield
         sweeper.cancel()
-        svc.runner.close()
+        runner.close()
         engine.close()
         store.close()
 
@@ -120,13 +123,18 @@ def create_app(config: ServiceConfig | None = None) -> FastAPI:
         version=gravel.__version__,
         description="Private inference on encrypted data: the server computes on TFHE ciphertexts "
         "and never sees a secret key. Model management needs the admin token; a session's "
-        "token reaches that session's keys, jobs and results only (Authorization: Bearer TOKEN).",
+        "token reaches that session's keys, jobs and results only (Authorization: Bearer TOKEN). "
+        "Client faults are answered 4xx with a message naming the problem; the server's own "
+        "faults 5xx, with an error id that its log explains.",
         lifespan=lifespan,
     )
     app.include_router(routes_models.router)
-    app.include_router(routes_sessions.router)
+    app.include_router(routes_models.admin_router)
+    app.include_router(routes_sessions.keys_router)
+    app.include_router(routes_sessions.session_router)
+    app.include_router(routes_sessions.jobs_router)
     _ops_routes(app)
-    _error_handlers(app)
+    install_error_handlers(app)
     _metrics_middleware(app)
     return app
 
@@ -150,38 +158,9 @@ def _ops_routes(app: FastAPI) -> None:
     def metrics(request: Request) -> PlainTextResponse:
         svc = service_of(request)
         svc.metrics.queue_depth.set(svc.runner.depth)
+        svc.metrics.key_cache_bytes.set(svc.engine.key_cache.bytes)
+        svc.metrics.key_cache_sessions.set(len(svc.engine.key_cache))
         return PlainTextResponse(svc.metrics.render(), media_type="text/plain; version=0.0.4")
-
-
-def _error_handlers(app: FastAPI) -> None:
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(request: Request, exc: StarletteHTTPException):
-        headers = dict(exc.headers or {})
-        if exc.status_code == 405:  # Starlette lists only the first matching route's methods
-            headers["Allow"] = ", ".join(sorted(_allowed_methods(request)))
-        return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=headers)
-
-    @app.exception_handler(RequestValidationError)
-    async def validation_error(request: Request, exc: RequestValidationError):
-        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
-        return JSONResponse({"detail": f"invalid request: {problems}"}, status_code=422)
-
-    @app.exception_handler(GravelError)
-    async def gravel_error(request: Request, exc: GravelError):
-        return JSONResponse({"detail": str(exc)}, status_code=400)
-
-    @app.exception_handler(Exception)
-    async def unexpected(request: Request, exc: Exception):
-        log.exception("unexpected error on %s %s", request.method, request.url.path)
-        return JSONResponse({"detail": f"internal error: {type(exc).__name__}"}, status_code=500)
-
-
-def _allowed_methods(request: Request) -> set[str]:
-    methods: set[str] = set()
-    for route in request.app.router.routes:
-        if getattr(route, "methods", None) and route.matches(request.scope)[0] != Match.NONE:
-            methods |= route.methods
-    return methods
 
 
 def _metrics_middleware(app: FastAPI) -> None:

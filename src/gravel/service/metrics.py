@@ -26,6 +26,10 @@ class Metrics:
         )
         self.jobs = Counter("gravel_jobs", "Finished inference jobs", ["status"], registry=self.registry)
         self.sessions = Gauge("gravel_sessions", "Open sessions", registry=self.registry)
+        self.key_cache_bytes = Gauge("gravel_key_cache_bytes", "Evaluation keys held loaded by the engine",
+                                     registry=self.registry)
+        self.key_cache_sessions = Gauge("gravel_key_cache_sessions", "Sessions whose keys the engine holds loaded",
+                                        registry=self.registry)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
