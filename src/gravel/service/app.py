@@ -105,7 +105,7 @@ def create_app(config: ServiceConfig | None = None) -> FastAPI:
         metrics = Metrics()
         runner = JobRunner(store, engine, session_items=config.max_session_items)
         svc = Service(config, store, engine, runner, metrics, admin_hash(config), time.time())
-        runner.on_finish = svc.finish
+        runner.on_finish, runner.on_item = svc.finish, svc.item_done
         app.state.service = svc
         recovered = _recover(svc)
         metrics.sessions.set(store.count_sessions())
@@ -135,7 +135,7 @@ def create_app(config: ServiceConfig | None = None) -> FastAPI:
     app.include_router(routes_sessions.jobs_router)
     _ops_routes(app)
     install_error_handlers(app)
-    _metrics_middleware(app)
+    app.add_middleware(ObserveRequests)
     return app
 
 
@@ -163,18 +163,37 @@ def _ops_routes(app: FastAPI) -> None:
         return PlainTextResponse(svc.metrics.render(), media_type="text/plain; version=0.0.4")
 
 
-def _metrics_middleware(app: FastAPI) -> None:
-    @app.middleware("http")
-    async def observe(request: Request, call_next):
+class ObserveRequests:
+    """Request metrics, as plain ASGI middleware: Starlette's BaseHTTPMiddleware would hide a
+    client's disconnection from the routes, and /infer must see it to cancel its work."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
         t0 = time.perf_counter()
-        response = await call_next(request)
-        route = request.scope.get("route")
-        label = getattr(route, "path", "unmatched")
-        svc = getattr(request.app.state, "service", None)
-        if svc is not None:
-            m = svc.metrics
-            m.requests.labels(request.method, label, str(response.status_code)).inc()
-            m.latency.labels(label).observe(time.perf_counter() - t0)
-            m.bytes_in.labels(label).inc(int(request.headers.get("content-length") or 0))
-            m.bytes_out.labels(label).inc(int(response.headers.get("content-length") or 0))
-        return response
+        answer = {"status": 500, "bytes": 0}
+
+        async def observed_send(message) -> None:
+            if message["type"] == "http.response.start":
+                answer["status"] = message["status"]
+                for name, value in message.get("headers", []):
+                    if name.lower() == b"content-length":
+                        answer["bytes"] = int(value)
+            await send(message)
+
+        try:
+            await self.app(scope, receive, observed_send)
+        finally:
+            svc = getattr(scope["app"].state, "service", None)
+            if svc is not None:
+                label = getattr(scope.get("route"), "path", "unmatched")
+                declared = dict(scope["headers"]).get(b"content-length", b"0")
+                m = svc.metrics
+                m.requests.labels(scope["method"], label, str(answer["status"])).inc()
+                m.latency.labels(label).observe(time.perf_counter() - t0)
+                m.bytes_in.labels(label).inc(int(declared) if declared.isdigit() else 0)
+                m.bytes_out.labels(label).inc(answer["bytes"])

@@ -5,10 +5,12 @@ the time a client takes to send its request headers, so a client that sends them
 time holds its connection, and a file descriptor, forever; with a low open-file limit, 50 such
 clients starved health checks. Here each connection must complete its headers within
 `header_timeout_s` of opening (or of its previous answer), and at most `max_connections` are
-open (kept under the open-file limit, leaving room for the store's own files); when a
-connection beyond the cap arrives, the oldest connection still sending headers is dropped
-for it, and only if there is none is the newcomer refused. Slow bodies are bounded by the
-routes themselves (`body_timeout_s`, answered 408; see gravel.service.bodies).
+open; when a connection beyond the cap arrives, the oldest connection still sending headers is
+dropped for it, and only if there is none is the newcomer refused. The cap and the listen
+backlog are kept under the open-file limit: asyncio accepts up to `backlog` connections in one
+go before any of them can be dropped, so the descriptors in use stay under
+base + cap + 2 x backlog, with the store's own files in the base. Slow bodies are bounded by
+the routes themselves (`body_timeout_s`, answered 408; see gravel.service.bodies).
 """
 
 from __future__ import annotations
@@ -22,11 +24,11 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from gravel.service.config import ServiceConfig
 
-__all__ = ["GuardedH11Protocol", "connection_cap", "serve"]
+__all__ = ["GuardedH11Protocol", "connection_limits", "serve"]
 
 log = logging.getLogger("gravel.service")
 
-FD_RESERVE = 64  # descriptors kept for SQLite, blob files, logs and Ray
+FD_BASE = 48  # descriptors kept for SQLite, blob files, logs, the event loop and Ray
 MAX_HEADER_BYTES = 16 << 10
 
 
@@ -89,12 +91,14 @@ class GuardedH11Protocol(H11Protocol):
             self.transport.close()
 
 
-def connection_cap(configured: int) -> int:
-    """The configured cap, lowered to fit under this process's open-file limit."""
+def connection_limits(configured: int) -> tuple[int, int]:
+    """(connection cap, listen backlog): the configured cap, lowered so that the cap plus two
+    accept bursts fit under this process's open-file limit."""
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft == resource.RLIM_INFINITY:
-        return configured
-    return max(4, min(configured, soft - FD_RESERVE))
+    cap = configured
+    if soft != resource.RLIM_INFINITY:
+        cap = max(4, min(configured, (soft - FD_BASE) // 2))
+    return cap, max(4, min(2048, cap // 4))
 
 
 def serve(config: ServiceConfig, host: str, port: int, log_level: str = "info") -> None:
@@ -103,10 +107,10 @@ def serve(config: ServiceConfig, host: str, port: int, log_level: str = "info") 
 
     from gravel.service.app import create_app
 
-    cap = connection_cap(config.max_connections)
+    cap, backlog = connection_limits(config.max_connections)
     if cap < config.max_connections:
         log.warning("at most %d connections (the open-file limit leaves room for no more)", cap)
     protocol = type("ServiceProtocol", (GuardedH11Protocol,),
                     {"header_timeout_s": config.header_timeout_s, "max_connections": cap})
-    uvicorn.run(create_app(config), host=host, port=port, log_level=log_level, http=protocol,
+    uvicorn.run(create_app(config), host=host, port=port, log_level=log_level, http=protocol, backlog=backlog,
                 timeout_keep_alive=config.keep_alive_s, h11_max_incomplete_event_size=MAX_HEADER_BYTES)

@@ -58,8 +58,9 @@ class Service:
 
     def finish(self, job: Job) -> None:
         self.metrics.jobs.labels(job.status).inc()
-        if job.done:
-            self.metrics.inference.observe(job.compute_s / job.done)
+
+    def item_done(self, seconds: float) -> None:
+        self.metrics.inference.observe(seconds)
 
 
 def service_of(request: Request) -> Service:

@@ -3,8 +3,9 @@
 A request becomes a `Job`: one or more input ciphertexts for one session. `slots` threads run
 the items of all jobs, taking them in turn from each session that has work (round robin, item
 by item), so one session's 4,096-item batch delays another session's request by one item, not
-by the whole batch. Each session may have at most `session_items` items queued or running;
-`submit` refuses more with QueueFull (the API's 429).
+by the whole batch. Each session may have at most `session_items` items queued (not yet
+started; running ones are bounded by the slots); `submit` refuses more with QueueFull (the
+API's 429).
 
 Cancelling a job (DELETE, a closed session, a client that dropped its waiting request) skips
 its items not yet started and stops the running ones at the engine's next check, between
@@ -23,7 +24,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -83,11 +84,14 @@ class JobRunner:
         self.engine = engine
         self.session_items = session_items
         self._cond = threading.Condition()
-        self._ready: OrderedDict[str, deque[Job]] = OrderedDict()  # session -> jobs with items to start
+        self._ready: dict[str, deque[Job]] = {}  # session -> jobs with items to start
         self._jobs: dict[str, Job] = {}  # queued or running, for live progress
-        self._items: dict[str, int] = {}  # session -> items of its live jobs
+        self._queued: dict[str, int] = {}  # session -> items of its live jobs not started yet
         self._unrecorded: dict[str, Job] = {}  # finished, but the store could not take the status
         self.on_finish = on_finish  # called with each finished job (metrics)
+        self.on_item: Callable[[float], None] | None = None  # called with each item's engine seconds
+        self._tick = 0
+        self._served: dict[str, int] = {}  # session -> when it last had an item started
         self._closed = False
         self.running = 0
         self._threads = [
@@ -102,24 +106,24 @@ class JobRunner:
         with self._cond:
             return len(self._jobs)
 
-    def session_load(self, session: str) -> int:
-        """Items of this session queued or running."""
+    def queued_items(self, session: str) -> int:
+        """Items of this session waiting for a slot."""
         with self._cond:
-            return self._items.get(session, 0)
+            return self._queued.get(session, 0)
 
     def submit(self, job: Job, quota: bool = True) -> Job:
         """Queue a job; with `quota`, refuse it (QueueFull) if its session would go over its
         item quota (a job re-queued at start-up was accepted before and is not refused)."""
         with self._cond:
-            have = self._items.get(job.session, 0)
+            have = self._queued.get(job.session, 0)
             if quota and have + len(job.items) > self.session_items:
                 raise QueueFull(
-                    f"this session has {have} items queued or running and may have {self.session_items}; "
-                    f"{len(job.items)} more do not fit: wait for its jobs to finish, or send fewer items"
+                    f"this session has {have} items queued and may have {self.session_items}; "
+                    f"{len(job.items)} more do not fit: wait for its jobs to progress, or send fewer items"
                 )
             job.outputs = [None] * len(job.items)
             self._jobs[job.id] = job
-            self._items[job.session] = have + len(job.items)
+            self._count(job.session, len(job.items))
             self._ready.setdefault(job.session, deque()).append(job)
             self._cond.notify_all()
         return job
@@ -160,32 +164,46 @@ class JobRunner:
 
     # -- scheduling -------------------------------------------------------------------------
     def _claim(self) -> tuple[Job, int] | None:
-        """The next item to run: the first job of the session whose turn it is."""
+        """The next item to run: the first job of the session served longest ago (or never)."""
         with self._cond:
             while not self._closed and not self._ready:
                 self._cond.wait()
             if self._closed:
                 return None
-            session, jobs = next(iter(self._ready.items()))
+            session = min(self._ready, key=lambda s: self._served.get(s, 0))
+            self._tick += 1
+            self._served[session] = self._tick
+            jobs = self._ready[session]
             job = jobs[0]
             index = job.next
             job.next += 1
             job.active += 1
+            self._count(session, -1)
             if job.next >= len(job.items):
                 jobs.popleft()
-            if jobs:
-                self._ready.move_to_end(session)  # the next item goes to another session
-            else:
+            if not jobs:
                 del self._ready[session]
+                del self._served[session]
             self.running += 1
             return job, index
 
+    def _count(self, session: str, change: int) -> None:
+        left = self._queued.get(session, 0) + change
+        if left:
+            self._queued[session] = left
+        else:
+            self._queued.pop(session, None)
+
     def _unready(self, job: Job) -> None:
+        """No more items of this job will start: out of the queue and of its session's count."""
         jobs = self._ready.get(job.session)
         if jobs is not None and job in jobs:
             jobs.remove(job)
             if not jobs:
                 del self._ready[job.session]
+                self._served.pop(job.session, None)
+        self._count(job.session, job.next - len(job.items))
+        job.next = len(job.items)
 
     def _over(self, job: Job) -> bool:
         """Whether no item of the job will run any more; true once (the caller finishes it)."""
@@ -232,11 +250,14 @@ class JobRunner:
         except Exception as exc:  # noqa: BLE001 - a failure must fail the job, not the thread
             self._fail(job, index, exc)
             return
+        seconds = time.perf_counter() - t0
         with self._cond:
             job.outputs[index] = out
-            job.compute_s += time.perf_counter() - t0
+            job.compute_s += seconds
             job.done += 1
             job.stage = 0.0
+        if self.on_item is not None:
+            self.on_item(seconds)
         if job.persisted and len(job.items) > 1:
             self._record(job, lambda: self.store.set_job_status(job.id, "running", job.done))
 
@@ -279,9 +300,6 @@ class JobRunner:
         job.status = final
         with self._cond:
             self._jobs.pop(job.id, None)
-            self._items[job.session] -= len(job.items)
-            if not self._items[job.session]:
-                del self._items[job.session]
             if not recorded:
                 self._unrecorded[job.id] = job
         if job.notify is not None:

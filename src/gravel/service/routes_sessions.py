@@ -335,10 +335,10 @@ def _check_inputs(upload: BlobWriter, model: dict[str, Any], what: str) -> tuple
 
 
 def _check_quota(svc: Service, sid: str, count: int) -> None:
-    have, quota = svc.runner.session_load(sid), svc.config.max_session_items
+    have, quota = svc.runner.queued_items(sid), svc.config.max_session_items
     if have + count > quota:
-        raise ApiError(429, f"this session has {have} items queued or running and may have {quota}; {count} more "
-                            "do not fit: wait for its jobs to finish, or send fewer items",
+        raise ApiError(429, f"this session has {have} items queued and may have {quota}; {count} more "
+                            "do not fit: wait for its jobs to progress, or send fewer items",
                        {"Retry-After": RETRY_QUEUE_S})
 
 
