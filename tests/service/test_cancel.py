@@ -44,7 +44,7 @@ def _infer(server, session, body) -> None:
 def _items_run(server) -> int:
     """Encrypted inferences the engine has completed (the per-item histogram's count)."""
     text = httpx.get(server.url + "/metrics").text
-    return int(float(re.search(r"^gravel_inference_seconds_count (\S+)$", text, re.M).group(1)))
+    return int(float(re.search(r"^gravel_inference_seconds_count (\S+)$", text, re.MULTILINE).group(1)))
 
 
 def _idle(server) -> None:

@@ -29,7 +29,7 @@ def _namespaces_work() -> bool:
         return False
     probe = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c",
                             "mount -t tmpfs -o size=1m tmpfs /mnt || mount -t tmpfs -o size=1m tmpfs /tmp"],
-                           capture_output=True)
+                           capture_output=True, check=False)
     return probe.returncode == 0
 
 

@@ -23,7 +23,7 @@ from .conftest import OCTETS, SHARED_ENV, open_session, raw_request
 
 def _metric(url: str, name: str) -> float:
     text = httpx.get(url + "/metrics").text
-    return float(re.search(rf"^{name} (\S+)$", text, re.M).group(1))
+    return float(re.search(rf"^{name} (\S+)$", text, re.MULTILINE).group(1))
 
 
 def _tmp_files(server) -> list:
@@ -31,7 +31,7 @@ def _tmp_files(server) -> list:
 
 
 def test_key_upload_refused_on_its_declared_length_before_the_body(server, deployed, service_keys):
-    _, keys, good = service_keys
+    good = service_keys[2]
     # 900 MB announced (under the 1 GiB server limit), not a byte sent: answered at once.
     head = (f"POST /v1/models/{deployed}/sessions HTTP/1.1\r\nHost: x\r\nContent-Type: {OCTETS}\r\n"
             f"Content-Length: {900 << 20}\r\n\r\n").encode()
@@ -47,7 +47,7 @@ def test_key_upload_refused_on_its_declared_length_before_the_body(server, deplo
 
 
 def test_key_header_is_checked_as_it_streams_in(server, deployed, service_keys):
-    model, keys, good = service_keys
+    model, _, good = service_keys
     secret_head = frame(Kind.SECRET_KEYS, model.digest, b"x")[:38]
     head = (f"POST /v1/models/{deployed}/sessions HTTP/1.1\r\nHost: x\r\nContent-Type: {OCTETS}\r\n"
             f"Content-Length: {len(good)}\r\n\r\n").encode()
