@@ -76,6 +76,12 @@ def service_keys(service_artifact):
     return model, keys, keys.evaluation_keys()
 
 
+@pytest.fixture(scope="session")
+def sessions(server, deployed, service_keys):
+    """Three sessions on the shared server, opened once with the same keys: (id, headers)."""
+    return [open_session(server.url, deployed, service_keys[2]) for _ in range(3)]
+
+
 def open_session(url: str, model: str, keys: bytes) -> tuple[str, dict[str, str]]:
     """A session id and the headers that carry its token."""
     r = httpx.post(f"{url}/v1/models/{model}/sessions", content=keys, headers={"Content-Type": OCTETS},

@@ -13,17 +13,16 @@ import pytest
 
 from gravel.protocol import pack_batch
 
-from .conftest import SHARED_ENV, open_session
+from .conftest import SHARED_ENV
 
 QUOTA = int(SHARED_ENV["GRAVEL_MAX_SESSION_ITEMS"])
 
 
 @pytest.fixture(scope="module")
-def pair(server, deployed, service_keys, digits):
+def pair(server, sessions, service_keys, digits):
     """Two sessions (keys loaded), a full quota of inputs for one, one input for the other."""
-    model, keys, good = service_keys
-    a = open_session(server.url, deployed, good)
-    b = open_session(server.url, deployed, good)
+    model, keys, _ = service_keys
+    a, b = sessions[:2]
     batch = pack_batch([model.encrypt(keys, x) for x in digits.x_test[:QUOTA]])
     one = model.encrypt(keys, digits.x_test[0])
     for sid, headers in (a, b):

@@ -85,22 +85,21 @@ def test_key_loads_at_once_are_limited(server, deployed, service_keys):
     open_session(server.url, deployed, good)  # the slot is free again
 
 
-def test_key_cache_is_bounded_by_bytes(server, deployed, service_keys, digits):
+def test_key_cache_is_bounded_by_bytes(server, sessions, service_keys, digits):
     model, keys, good = service_keys
     budget = int(SHARED_ENV["GRAVEL_KEY_CACHE_BYTES"])
     assert 2 * len(good) <= budget < 3 * len(good)
     ct = model.encrypt(keys, digits.x_test[0])
-    for _ in range(3):
-        sid, headers = open_session(server.url, deployed, good)
+    for sid, headers in sessions:  # three sessions' keys, room for two
         r = httpx.post(f"{server.url}/v1/sessions/{sid}/infer", content=ct, headers=headers, timeout=120)
         assert r.status_code == 200 and model.predict(keys, r.content) >= 0
         assert _metric(server.url, "gravel_key_cache_bytes") <= budget
     assert _metric(server.url, "gravel_key_cache_sessions") == 2
 
 
-def test_slow_bodies_get_408(server, deployed, service_keys, digits):
-    model, keys, good = service_keys
-    sid, headers = open_session(server.url, deployed, good)
+def test_slow_bodies_get_408(server, sessions, service_keys, digits):
+    model, keys, _ = service_keys
+    sid, headers = sessions[0]
     ct = model.encrypt(keys, digits.x_test[0])
     head = (f"POST /v1/sessions/{sid}/infer HTTP/1.1\r\nHost: x\r\nContent-Type: {OCTETS}\r\n"
             f"Authorization: {headers['Authorization']}\r\nContent-Length: {len(ct)}\r\n\r\n").encode()
@@ -147,9 +146,9 @@ def _wrong_typed_ciphertext(model, keys) -> bytes:
     return frame(Kind.INPUT_CIPHERTEXT, model.digest, value.serialize())
 
 
-def test_wrong_typed_ciphertexts_are_refused_at_submission(server, deployed, service_keys):
-    model, keys, good = service_keys
-    sid, headers = open_session(server.url, deployed, good)
+def test_wrong_typed_ciphertexts_are_refused_at_submission(server, sessions, service_keys):
+    model, keys, _ = service_keys
+    sid, headers = sessions[0]
     wrong = _wrong_typed_ciphertext(model, keys)
     for path in ("jobs", "infer"):
         r = httpx.post(f"{server.url}/v1/sessions/{sid}/{path}", content=wrong, headers=headers, timeout=60)

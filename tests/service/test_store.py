@@ -54,6 +54,7 @@ def test_limits_sessions_jobs_and_expiry(tmp_path):
     assert store.get_job("j1") is None and store.blob_path(keys.sha).exists()
     assert store.expire(session_ttl_s=3600, result_ttl_s=3600, fetched_grace_s=300) == []
     time.sleep(0.01)
+    assert store.expire(session_ttl_s=0.0, result_ttl_s=3600, fetched_grace_s=300, busy={"s2"}) == []
     assert store.expire(session_ttl_s=0.0, result_ttl_s=3600, fetched_grace_s=300) == ["s2"]
     assert not store.blob_path(keys.sha).exists()
     assert store.delete_model("m") == [] and store.get_model("m") is None

@@ -99,6 +99,15 @@ def scrub(text: str, names: dict[str, str] | None = None) -> str:
     return _ABS_PATH.sub("<path>", text)
 
 
+def _answer(request: Request, detail: str, status: int, headers: dict[str, str] | None = None) -> JSONResponse:
+    """An error answer. To a request with a body, it also closes the connection: the rest of a
+    refused upload is then not received (and discarded) after the answer."""
+    headers = dict(headers or {})
+    if request.headers.get("content-length", "0") != "0" or "transfer-encoding" in request.headers:
+        headers["Connection"] = "close"
+    return JSONResponse({"detail": detail}, status_code=status, headers=headers)
+
+
 def server_fault(exc: BaseException, request: Request) -> JSONResponse:
     """The answer to a fault of the server's: its class decides the status; details go to the
     log under an id that the answer quotes."""
@@ -107,18 +116,13 @@ def server_fault(exc: BaseException, request: Request) -> JSONResponse:
     eid = new_error_id()
     if isinstance(exc, StorageFullError):
         log.error("error %s on %s %s: %s", eid, request.method, request.url.path, exc)
-        return JSONResponse({"detail": f"{exc} (error id {eid})"}, status_code=507)
+        return _answer(request, f"{exc} (error id {eid})", 507)
     log.error("error %s on %s %s", eid, request.method, request.url.path, exc_info=exc)
     if isinstance(exc, ClusterError):
-        return JSONResponse(
-            {"detail": f"the server's cluster cannot run this now; try again later (error id {eid})"},
-            status_code=503, headers={"Retry-After": "10"},
-        )
-    return JSONResponse(
-        {"detail": f"internal error on the server, not caused by this request (error id {eid}; "
-                   "the server's log has the details)"},
-        status_code=500,
-    )
+        return _answer(request, f"the server's cluster cannot run this now; try again later (error id {eid})",
+                       503, {"Retry-After": "10"})
+    return _answer(request, f"internal error on the server, not caused by this request (error id {eid}; "
+                            "the server's log has the details)", 500)
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -129,7 +133,7 @@ def install_error_handlers(app: FastAPI) -> None:
         headers = dict(exc.headers or {})
         if exc.status_code == 405:  # Starlette lists only the first matching route's methods
             headers["Allow"] = ", ".join(sorted(_allowed_methods(request)))
-        return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=headers)
+        return _answer(request, exc.detail, exc.status_code, headers)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError):
@@ -141,7 +145,7 @@ def install_error_handlers(app: FastAPI) -> None:
         status = client_status(exc)
         if status is None:
             return server_fault(exc, request)
-        return JSONResponse({"detail": scrub(str(exc))}, status_code=status)
+        return _answer(request, scrub(str(exc)), status)
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception):

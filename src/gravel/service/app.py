@@ -85,7 +85,8 @@ async def _sweep(svc: Service) -> None:
         await asyncio.sleep(svc.config.sweep_interval_s)
         try:
             c = svc.config
-            gone = await run_in_threadpool(svc.store.expire, c.session_ttl_s, c.result_ttl_s, c.fetched_grace_s)
+            gone = await run_in_threadpool(svc.store.expire, c.session_ttl_s, c.result_ttl_s, c.fetched_grace_s,
+                                           svc.runner.busy_sessions())
             for sid in gone:
                 svc.runner.cancel_session(sid)
                 svc.engine.drop_session(sid)

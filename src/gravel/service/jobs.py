@@ -106,6 +106,11 @@ class JobRunner:
         with self._cond:
             return len(self._jobs)
 
+    def busy_sessions(self) -> set[str]:
+        """Sessions with a job queued or running (not idle, whatever their clock says)."""
+        with self._cond:
+            return {job.session for job in self._jobs.values()}
+
     def queued_items(self, session: str) -> int:
         """Items of this session waiting for a slot."""
         with self._cond:

@@ -398,13 +398,16 @@ class Store:
             ).fetchall()
         return [dict(r) for r in rows]
 
-    def expire(self, session_ttl_s: float, result_ttl_s: float, fetched_grace_s: float) -> list[str]:
-        """Remove idle sessions and old results; returns the ids of the sessions removed."""
+    def expire(self, session_ttl_s: float, result_ttl_s: float, fetched_grace_s: float,
+               busy: set[str] | frozenset[str] = frozenset()) -> list[str]:
+        """Remove idle sessions and old results; returns the ids of the sessions removed. A
+        session in `busy` (work in progress) is not idle, whatever its clock says."""
         now = time.time()
         with self.lock, storage_errors("the expiry"):
             gone = [
                 r[0]
                 for r in self._db.execute("SELECT id FROM sessions WHERE last_used < ?", (now - session_ttl_s,))
+                if r[0] not in busy
             ]
             self._db.executemany("DELETE FROM sessions WHERE id = ?", [(s,) for s in gone])
             self._db.execute(
