@@ -22,14 +22,14 @@ from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
 import gravel
-from gravel.protocol import is_batch, unpack_batch
+from gravel.protocol import is_batch
 from gravel.service import routes_models, routes_sessions
 from gravel.service.api_errors import install_error_handlers
 from gravel.service.auth import hash_token, new_token
 from gravel.service.config import ServiceConfig
 from gravel.service.container import Service, service_of
 from gravel.service.engine import make_engine
-from gravel.service.jobs import JobRunner
+from gravel.service.jobs import JobRunner, StoredItems
 from gravel.service.metrics import Metrics
 from gravel.service.store import Store
 
@@ -71,9 +71,9 @@ def _recover(svc: Service) -> int:
     session quota if need be: they were accepted once)."""
     jobs = svc.store.unfinished_jobs()
     for row in jobs:
-        data = svc.store.read_blob(row["input_sha"])
-        batch = is_batch(data)
-        items = unpack_batch(data) if batch else [data]
+        with open(svc.store.blob_path(row["input_sha"]), "rb") as f:
+            batch = is_batch(f.read(4))
+        items = StoredItems(svc.store, row["input_sha"], row["items"], batch)
         session, model = svc.store.get_session(row["session"]), svc.store.get_model(row["model"])
         job = svc.make_job(session, model, items, persisted=True, batch=batch, jid=row["id"])
         svc.runner.submit(job, quota=False)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import secrets
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,7 +43,7 @@ class Service:
             raise ApiError(404, f"unknown model {name!r}; GET /v1/models lists the deployed ones")
         return model
 
-    def make_job(self, session: dict[str, Any], model: dict[str, Any], items: list[bytes], persisted: bool,
+    def make_job(self, session: dict[str, Any], model: dict[str, Any], items: Sequence[bytes], persisted: bool,
                  batch: bool, jid: str | None = None) -> Job:
         """A job for the runner; `jid` is given when a stored job is re-queued after a restart."""
         return Job(

@@ -22,26 +22,54 @@ so a restart with space runs it again.
 from __future__ import annotations
 
 import logging
+import mmap
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from gravel.errors import GravelError, InferenceCancelled, StorageFullError
-from gravel.protocol import pack_batch
+from gravel.protocol import pack_batch, unpack_batch
 from gravel.service.api_errors import client_status, new_error_id
 from gravel.service.engine import Engine
 from gravel.service.store import Store
 
-__all__ = ["Job", "JobRunner", "QueueFull"]
+__all__ = ["Job", "JobRunner", "QueueFull", "StoredItems"]
 
 log = logging.getLogger("gravel.service")
 
 
 class QueueFull(Exception):
     """A session asked for more queued items than its quota."""
+
+
+class StoredItems(Sequence[bytes]):
+    """A persisted job's inputs, read from its stored blob one at a time as they run, so that
+    queued jobs hold no ciphertexts in memory (only /infer's waiting requests do)."""
+
+    def __init__(self, store: Store, sha: str, count: int, batch: bool) -> None:
+        self._path = store.blob_path(sha)
+        self._count = count
+        self._batch = batch
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __getitem__(self, index):  # type: ignore[override]
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(self._count))]
+        with open(self._path, "rb") as f:
+            if not self._batch:
+                return f.read()
+            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+                views = unpack_batch(memoryview(mapped), "stored job input")
+                item = bytes(views[index])
+                for v in views:
+                    v.release()
+                del views
+                return item
 
 
 @dataclass
@@ -51,7 +79,7 @@ class Job:
     model: str
     artifact: Path
     keys_sha: str
-    items: list[bytes]
+    items: Sequence[bytes]  # in memory for /infer; StoredItems for a persisted job
     persisted: bool
     batch: bool = False
     status: str = "queued"  # queued, running, done, failed, cancelled
@@ -253,7 +281,8 @@ class JobRunner:
         except InferenceCancelled:
             return
         except Exception as exc:  # noqa: BLE001 - a failure must fail the job, not the thread
-            self._fail(job, index, exc)
+            if not job.should_stop():  # a job deleted under its item may have lost its input
+                self._fail(job, index, exc)
             return
         seconds = time.perf_counter() - t0
         with self._cond:

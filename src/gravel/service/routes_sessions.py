@@ -29,7 +29,7 @@ from gravel.service.auth import hash_token, new_token
 from gravel.service.bodies import check_type, declared_length, receive_body
 from gravel.service.container import Service, service_of
 from gravel.service.dependencies import JobRow, SessionRow, job_of, session_of
-from gravel.service.jobs import Job, QueueFull
+from gravel.service.jobs import Job, QueueFull, StoredItems
 from gravel.service.store import BlobWriter
 
 __all__ = ["jobs_router", "keys_router", "session_router"]
@@ -199,10 +199,12 @@ async def submit_job(sid: str, request: Request, session: SessionRow) -> JobInfo
     upload = await _receive_inputs(request, svc, session, model, "job input")
     try:
         items, batch = await run_in_threadpool(_check_inputs, upload, model, "job input")
-        job = svc.make_job(session, model, items, persisted=True, batch=batch)
+        stored = StoredItems(svc.store, upload.blob.sha, len(items), batch)
+        del items  # checked; the job reads them from the store as they run
+        job = svc.make_job(session, model, stored, persisted=True, batch=batch)
         with svc.store.lock:
             svc.store.adopt(upload)
-            svc.store.add_job(job.id, sid, len(items), upload.blob.sha)
+            svc.store.add_job(job.id, sid, len(stored), upload.blob.sha)
     finally:
         upload.discard()
     try:
