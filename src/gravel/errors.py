@@ -10,9 +10,12 @@
     ├── DepthError               a CKKS computation needs more multiplicative depth than its
     │                            parameters, or any secure parameter set, allow
     ├── ClusterError             the Ray cluster cannot be reached, has no room, or lost the work
-    └── ServiceError             talking to a Gravel server failed (`status`: HTTP status or None)
-        ├── ServerUnreachableError   no answer came: refused, unknown host, timed out, cut off
-        └── ServerAnsweredError      the server answered with an error status (`status` is it)
+    ├── ServiceError             talking to a Gravel server failed (`status`: HTTP status or None)
+    │   ├── ServerUnreachableError   no answer came: refused, unknown host, timed out, cut off
+    │   └── ServerAnsweredError      the server answered with an error status (`status` is it)
+    ├── ServerFault              a server could not do what a valid request asked: its own fault (5xx)
+    │   └── StorageFullError     the server's disk (or quota) is full
+    └── InferenceCancelled       an inference was stopped on request before it finished
 
 Split by whose fault it is: a `BlobFormatError` means the bytes are damaged (send them again,
 or from the right file); a bare `KeyMismatchError` means well-formed bytes for another model or
@@ -39,6 +42,9 @@ __all__ = [
     "ServerAnsweredError",
     "ServerUnreachableError",
     "ServiceError",
+    "ServerFault",
+    "StorageFullError",
+    "InferenceCancelled",
 ]
 
 
@@ -104,3 +110,18 @@ class ServerAnsweredError(ServiceError):
 
     def __init__(self, message: str, status: int) -> None:
         super().__init__(message, status)
+
+
+class ServerFault(GravelError):
+    """The server failed at a request that was valid: its own fault, never the client's, so the
+    service answers 5xx (and logs the details under an error id) instead of 4xx."""
+
+
+class StorageFullError(ServerFault):
+    """The server's disk or quota is full: nothing new can be stored until space is freed;
+    what is already stored is intact and stays readable."""
+
+
+class InferenceCancelled(GravelError):
+    """An inference was stopped on request (a cancelled job, a client that went away) at the
+    next point where the engine checks: between items, stages or shards."""

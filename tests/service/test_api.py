@@ -95,15 +95,23 @@ def test_bad_keys_get_a_4xx_that_names_the_problem(server, deployed, two_session
     secret = frame(Kind.SECRET_KEYS, a.model.digest, a.keys._keys.serialize())
     cases = {
         "SECRET key": secret,
-        "truncated": good[: len(good) // 2],
+        "cut short": good[: len(good) // 2],
         "another model": frame(Kind.EVALUATION_KEYS, bytes(32), unframe(good, Kind.EVALUATION_KEYS, a.model.digest)),
         "not a Gravel evaluation keys blob": b"hello" * 100,
         "expected evaluation keys, got input ciphertext": a.encrypt(np.zeros((8, 8))),
     }
     for message, body in cases.items():
-        r = _post(server, path, body)
+        # Streamed without a length: the header is checked as soon as it arrives.
+        r = _post(server, path, iter([body]))
         assert r.status_code == 400, (message, r.text)
         assert message.lower() in r.json()["detail"].lower(), (message, r.json())
+        # With a length: a body that cannot be this model's keys is refused before it is read.
+        r = _post(server, path, body)
+        if len(body) != len(good):
+            assert r.status_code == (413 if len(body) > len(good) else 400), (message, r.text)
+            assert f"exactly {len(good)} bytes" in r.json()["detail"], r.json()
+        else:
+            assert r.status_code == 400 and message in r.json()["detail"], r.json()
     r = _post(server, path, good, ctype="application/json")
     assert r.status_code == 415 and "application/octet-stream" in r.json()["detail"]
     assert _post(server, "/v1/models/nope/sessions", good).status_code == 404
@@ -114,6 +122,8 @@ def test_bad_ciphertexts_and_limits(server, two_sessions, digits):
     path = f"/v1/sessions/{a.id}/infer"
     ct = a.encrypt(digits.x_test[0])
     r = _post(server, path, ct[:60], a.token)
+    assert r.status_code == 400 and "truncated" in r.json()["detail"]
+    r = _post(server, path, ct[:38] + b"\xff" * (len(ct) - 38), a.token)
     assert r.status_code == 400 and "corrupt or truncated" in r.json()["detail"]
     r = _post(server, path, a.keys.evaluation_keys()[:1000], a.token)
     assert r.status_code == 400 and "expected input ciphertext, got evaluation keys" in r.json()["detail"]
@@ -121,9 +131,10 @@ def test_bad_ciphertexts_and_limits(server, two_sessions, digits):
     assert r.status_code == 400 and "SECRET" in r.json()["detail"]
     r = _post(server, path, b"", a.token)
     assert r.status_code == 400 and "empty" in r.json()["detail"]
-    # Over the 1 MiB input limit this test server runs with: declared, and streamed without a length.
+    # Over the input limit (a full quota of this model's inputs, under the server's 1 MiB): declared,
+    # and streamed without a length.
     assert _post(server, path, b"\0" * (2 << 20), a.token).status_code == 413
-    streamed = httpx.post(server.url + path, content=iter([b"\0" * (1 << 19)] * 4),
+    streamed = httpx.post(server.url + path, content=iter([ct] + [b"\0" * (1 << 19)] * 4),
                           headers={"Authorization": f"Bearer {a.token}", "Content-Type": "application/octet-stream"})
     assert streamed.status_code == 413 and "limit" in streamed.json()["detail"]
     r = _post(server, f"/v1/sessions/{a.id}/jobs", pack_batch([ct, ct[:50]]), a.token)

@@ -1,4 +1,5 @@
-"""SIGKILL the server during a key upload and during an inference job, then start it again."""
+"""SIGKILL the server during a deploy, during a key upload and during an inference job, then
+start it again: it comes up, and nothing acknowledged is lost."""
 
 from __future__ import annotations
 
@@ -21,10 +22,31 @@ def _slow(body: bytes, parts: int = 50, pause_s: float = 0.05):
         yield body[i : i + step]
 
 
-def test_sigkill_during_key_upload_and_during_inference(tmp_path, service_artifact, digits, expected):
+def _ignore_errors(call, *args) -> None:
+    try:
+        call(*args)
+    except Exception:  # noqa: BLE001 - the server is killed under this call on purpose
+        pass
+
+
+def test_sigkill_during_deploy_key_upload_and_inference(tmp_path, service_artifact, digits, expected):
     srv = ServerProcess(tmp_path / "data").start()
     try:
         admin = Client(srv.url, token=ADMIN, cache_dir=tmp_path / "cache-a")
+
+        # 0. Killed while a deploy is being processed: its unpacked artifact is a directory in
+        # tmp/, which start-up used to trip over (IsADirectoryError, the service stayed down).
+        deploy = threading.Thread(target=lambda: _ignore_errors(admin.deploy, service_artifact))
+        deploy.start()
+        deadline = time.time() + 60
+        while not any(p.is_dir() for p in (srv.data_dir / "tmp").iterdir()) and time.time() < deadline:
+            time.sleep(0.01)
+        assert any(p.is_dir() for p in (srv.data_dir / "tmp").iterdir())
+        srv.kill()
+        deploy.join(30)
+        srv.start()
+        assert not any((srv.data_dir / "tmp").iterdir())
+        assert httpx.get(srv.url + "/v1/models").json()["models"] == []  # never acknowledged
         admin.deploy(service_artifact)
         a = admin.session("digits")
         assert a.predict(digits.x_test[0]) == expected(digits.x_test[:1])[0]

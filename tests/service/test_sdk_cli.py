@@ -81,6 +81,12 @@ def test_service_on_embedded_ray(tmp_path, service_artifact, digits, expected):
             assert "Ray" in httpx.get(srv.url + "/v1/ready").json()["engine"]
             s = c.session("digits")
             assert s.predict_batch(digits.x_test[:3]) == expected(digits.x_test[:3])
+            # A job cancelled while its stages run on the workers: the cluster stays usable.
+            job = s.submit(digits.x_test[:4])
+            while s.status(job)["status"] == "queued":
+                time.sleep(0.01)
+            c.request("DELETE", f"/v1/jobs/{job}", s.token)
             assert s.predict(digits.x_test[3]) == expected(digits.x_test[3:4])[0]
+        assert "error e_" not in srv.log.read_text()
     finally:
         srv.stop()

@@ -20,6 +20,10 @@ def test_blobs_are_named_by_hash_and_orphans_go_at_start(tmp_path):
     with store.lock:
         orphan = store.put_bytes(b"never referenced")  # as if killed before its row was committed
     (tmp_path / "tmp" / "upload-partial").write_bytes(b"half an upload")
+    # A deploy or a model view killed half-way leaves directories, with files inside.
+    for d in ("artifact-abc", "view-def"):
+        (tmp_path / "tmp" / d / "inner").mkdir(parents=True)
+        (tmp_path / "tmp" / d / "inner" / "server.zip").write_bytes(b"partial")
     store.close()
     store = Store(tmp_path)
     assert not store.blob_path(orphan.sha).exists()
@@ -50,6 +54,7 @@ def test_limits_sessions_jobs_and_expiry(tmp_path):
     assert store.get_job("j1") is None and store.blob_path(keys.sha).exists()
     assert store.expire(session_ttl_s=3600, result_ttl_s=3600, fetched_grace_s=300) == []
     time.sleep(0.01)
+    assert store.expire(session_ttl_s=0.0, result_ttl_s=3600, fetched_grace_s=300, busy={"s2"}) == []
     assert store.expire(session_ttl_s=0.0, result_ttl_s=3600, fetched_grace_s=300) == ["s2"]
     assert not store.blob_path(keys.sha).exists()
     assert store.delete_model("m") == [] and store.get_model("m") is None

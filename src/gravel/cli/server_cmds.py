@@ -63,9 +63,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
     """Run the HTTP service until interrupted."""
     import logging
 
-    import uvicorn
-
-    from gravel.service import ServiceConfig, create_app
+    from gravel.service import ServiceConfig
+    from gravel.service.connections import serve
 
     config = ServiceConfig()
     config.data_dir = Path(args.data_dir) if args.data_dir else config.data_dir
@@ -78,7 +77,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     print(f"gravel serve: http://{args.host}:{args.port}/v1 (data in {config.data_dir}, executor {config.executor})",
           file=sys.stderr, flush=True)
-    uvicorn.run(create_app(config), host=args.host, port=args.port, log_level="warning" if args.quiet else "info")
+    serve(config, args.host, args.port, log_level="warning" if args.quiet else "info")
 
 
 def cmd_openapi(args: argparse.Namespace) -> None:

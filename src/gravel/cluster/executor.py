@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from gravel.cluster.trace import InferenceTrace, ShardRecord
-from gravel.errors import ClusterError, KeyMismatchError
+from gravel.errors import ClusterError, InferenceCancelled, KeyMismatchError
 from gravel.protocol import Kind, frame, load_manifest, unframe
 from gravel.protocol.manifest import CLIENT_FILES, INPUT, MANIFEST, SERVER_FILES, stage_arguments
 from gravel.server.runner import parse_blob
@@ -26,6 +26,7 @@ from gravel.server.runner import parse_blob
 __all__ = ["ClusterError", "RayExecutor"]
 
 MAX_ATTEMPTS = 3
+STOP_POLL_S = 0.25  # how often a waiting stage asks should_stop
 CPU_WAIT_S = 5.0  # actors killed a moment ago release their CPUs asynchronously
 
 
@@ -186,11 +187,14 @@ class RayExecutor:
 
     # -- inference -------------------------------------------------------------------------
     def infer(
-        self, session: str, ciphertext: bytes, progress: Callable[[int, int], None] | None = None
+        self, session: str, ciphertext: bytes, progress: Callable[[int, int], None] | None = None,
+        should_stop: Callable[[], bool] | None = None,
     ) -> tuple[bytes, InferenceTrace]:
         """One encrypted inference; returns the framed output ciphertext and its trace.
 
-        `progress(stages_done, stages)` is called as each stage's shards are all back."""
+        `progress(stages_done, stages)` is called as each stage's shards are all back.
+        `should_stop()` is asked before each stage and while a stage's shards run; when it
+        answers True the stage's pending shards are cancelled and InferenceCancelled raised."""
         import ray
 
         if session not in self._sessions:
@@ -199,9 +203,12 @@ class RayExecutor:
         keys_box = [self._sessions[session]]
         trace = InferenceTrace(started=time.time())
         outputs: dict[str, list] = {INPUT: [ray.put(payload)]}
+        stop = should_stop or (lambda: False)
         for stage_index, row in enumerate(self.manifest.plan):
+            if stop():
+                raise InferenceCancelled(f"inference cancelled before {row['name']}")
             parts = stage_arguments(row, outputs)
-            outputs[row["name"]] = self._run_stage(session, keys_box, stage_index, row, parts, trace)
+            outputs[row["name"]] = self._run_stage(session, keys_box, stage_index, row, parts, trace, stop)
             if progress is not None:
                 progress(stage_index + 1, len(self.manifest.plan))
         out = ray.get(outputs[self.manifest.plan[-1]["name"]][0])
@@ -216,7 +223,7 @@ class RayExecutor:
         )
         return worker, data, meta
 
-    def _run_stage(self, session, keys_box, stage_index, row, parts, trace) -> list:
+    def _run_stage(self, session, keys_box, stage_index, row, parts, trace, stop=lambda: False) -> list:
         import ray
         from ray.exceptions import GetTimeoutError, RayActorError, WorkerCrashedError
 
@@ -227,7 +234,18 @@ class RayExecutor:
         outputs: dict[int, Any] = {}
         deadline = time.time() + self.shard_timeout_s
         while pending:
-            ready, _ = ray.wait(list(pending), num_returns=1, timeout=max(0.0, deadline - time.time()))
+            wait_s = max(0.0, min(STOP_POLL_S, deadline - time.time()))
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=wait_s)
+            if not ready and stop():
+                for _, worker, data, _ in pending.values():
+                    try:  # queued shards are dropped; a running one finishes on its own
+                        ray.cancel(data, force=False)
+                    except Exception:  # noqa: BLE001 - best effort: it may have just finished
+                        pass
+                    self._release(worker)
+                raise InferenceCancelled(f"inference cancelled during {row['name']}")
+            if not ready and time.time() < deadline:
+                continue
             if not ready:
                 raise ClusterError(
                     f"{row['name']}: {len(pending)} shards did not finish within {self.shard_timeout_s:.0f} s"

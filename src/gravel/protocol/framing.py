@@ -14,7 +14,7 @@ from enum import IntEnum
 
 from gravel.errors import BlobFormatError, KeyMismatchError
 
-__all__ = ["HEADER_SIZE", "Kind", "frame", "unframe"]
+__all__ = ["HEADER_SIZE", "Kind", "check_header", "frame", "unframe"]
 
 _MAGIC = b"GRVL"
 _VERSION = 1
@@ -40,6 +40,12 @@ def frame(kind: Kind, digest: bytes, payload: bytes) -> bytes:
     if len(digest) != 32:
         raise ValueError("program digest must be 32 bytes (SHA-256)")
     return _MAGIC + bytes([_VERSION, int(kind)]) + digest + payload
+
+
+def check_header(head: bytes, kind: Kind, digest: bytes, what: str = "input") -> None:
+    """Check a blob's header from its first HEADER_SIZE bytes alone, e.g. while a body is
+    still streaming in, so a wrong blob is refused before the rest of it is read."""
+    unframe(bytes(head[:HEADER_SIZE]) + b"\0", kind, digest, what)
 
 
 def unframe(data: bytes, kind: Kind, digest: bytes, what: str = "input") -> bytes:

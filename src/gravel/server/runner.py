@@ -9,7 +9,7 @@ from typing import Callable
 
 import numpy as np
 
-from gravel.errors import BlobFormatError
+from gravel.errors import BlobFormatError, InferenceCancelled, KeyMismatchError
 from gravel.protocol import Kind, Manifest, frame, load_manifest, unframe
 from gravel.protocol.manifest import INPUT, shard_columns, stage_arguments
 
@@ -86,10 +86,16 @@ class ServerModel:
         name = self.manifest.plan[stage]["name"]
         return self._server.run(*parts, *clear, evaluation_keys=keys, function_name=name)
 
-    def run(self, keys, value, progress: Callable[[int, int], None] | None = None) -> tuple[object, list[StageTrace]]:
+    def run(self, keys, value, progress: Callable[[int, int], None] | None = None,
+            should_stop: Callable[[], bool] | None = None) -> tuple[object, list[StageTrace]]:
         """One inference, shards run one after another; returns the output Value and a trace.
 
-        `progress(stages_done, stages)` is called after each stage, for long inferences."""
+        `progress(stages_done, stages)` is called after each stage, for long inferences.
+        `should_stop()` is asked before every backend call (a fused program makes just one);
+        when it answers True the inference stops there with InferenceCancelled."""
+        stop = should_stop or (lambda: False)
+        if stop():
+            raise InferenceCancelled("inference cancelled before it started")
         if self.fused:
             t0 = time.perf_counter()
             out = self._server.run(value, evaluation_keys=keys, function_name=self.fused)
@@ -104,6 +110,8 @@ class ServerModel:
             t0 = time.perf_counter()
             outs, times = [], []
             for j in range(row["shards"]):
+                if stop():
+                    raise InferenceCancelled(f"inference cancelled at {row['name']} shard {j}")
                 ts = time.perf_counter()
                 outs.append(self.run_shard(i, j, parts, keys))
                 times.append(time.perf_counter() - ts)

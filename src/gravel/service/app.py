@@ -1,8 +1,10 @@
-"""The HTTP service: `create_app(config)` builds the FastAPI app that `gravel serve` runs.
+"""The HTTP service: `create_app(config)` builds the FastAPI app that `gravel serve` runs
+(through gravel.service.connections, which adds the connection limits).
 
 Start-up opens the store (SQLite + blobs), starts the engine (in-process or Ray), re-queues
 the jobs the last process acknowledged but did not finish, and starts the sweeper that expires
-idle sessions and old results. Every error leaves as JSON `{"detail": "..."}`.
+idle sessions and old results. Every error leaves as JSON `{"detail": "..."}` with the status
+of whose fault it is (gravel.service.api_errors).
 """
 
 from __future__ import annotations
@@ -15,23 +17,20 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
-from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.routing import Match
 
 import gravel
-from gravel.errors import GravelError
-from gravel.protocol import is_batch, unpack_batch
+from gravel.protocol import is_batch
 from gravel.service import routes_models, routes_sessions
+from gravel.service.api_errors import install_error_handlers
 from gravel.service.auth import hash_token, new_token
 from gravel.service.config import ServiceConfig
+from gravel.service.container import Service, service_of
 from gravel.service.engine import make_engine
-from gravel.service.jobs import JobRunner
+from gravel.service.jobs import JobRunner, StoredItems
 from gravel.service.metrics import Metrics
-from gravel.service.state import Service, service_of
 from gravel.service.store import Store
 
 __all__ = ["create_app"]
@@ -68,14 +67,16 @@ def admin_hash(config: ServiceConfig) -> str:
 
 
 def _recover(svc: Service) -> int:
-    """Re-queue the jobs acknowledged before the last stop and not finished."""
+    """Re-queue the jobs acknowledged before the last stop and not finished (beyond the
+    session quota if need be: they were accepted once)."""
     jobs = svc.store.unfinished_jobs()
     for row in jobs:
-        data = svc.store.read_blob(row["input_sha"])
-        batch = is_batch(data)
-        items = unpack_batch(data) if batch else [data]
+        with open(svc.store.blob_path(row["input_sha"]), "rb") as f:
+            batch = is_batch(f.read(4))
+        items = StoredItems(svc.store, row["input_sha"], row["items"], batch)
         session, model = svc.store.get_session(row["session"]), svc.store.get_model(row["model"])
-        svc.runner.submit(svc.make_job(session, model, items, persisted=True, batch=batch, jid=row["id"]))
+        job = svc.make_job(session, model, items, persisted=True, batch=batch, jid=row["id"])
+        svc.runner.submit(job, quota=False)
     return len(jobs)
 
 
@@ -84,8 +85,10 @@ async def _sweep(svc: Service) -> None:
         await asyncio.sleep(svc.config.sweep_interval_s)
         try:
             c = svc.config
-            gone = await run_in_threadpool(svc.store.expire, c.session_ttl_s, c.result_ttl_s, c.fetched_grace_s)
+            gone = await run_in_threadpool(svc.store.expire, c.session_ttl_s, c.result_ttl_s, c.fetched_grace_s,
+                                           svc.runner.busy_sessions())
             for sid in gone:
+                svc.runner.cancel_session(sid)
                 svc.engine.drop_session(sid)
             svc.metrics.sessions.set(svc.store.count_sessions())
         except Exception:  # noqa: BLE001 - the sweeper must outlive one bad pass
@@ -99,10 +102,11 @@ def create_app(config: ServiceConfig | None = None) -> FastAPI:
     async def lifespan(app: FastAPI):
         Path(config.data_dir).mkdir(parents=True, exist_ok=True)
         store = Store(config.data_dir)
-        engine = make_engine(config.executor, config.ray_address, config.workers)
+        engine = make_engine(config.executor, config.ray_address, config.workers, config.key_cache_bytes)
         metrics = Metrics()
-        svc = Service(config, store, engine, None, metrics, admin_hash(config), time.time())  # type: ignore[arg-type]
-        svc.runner = JobRunner(store, engine, on_finish=svc.finish)
+        runner = JobRunner(store, engine, session_items=config.max_session_items)
+        svc = Service(config, store, engine, runner, metrics, admin_hash(config), time.time())
+        runner.on_finish, runner.on_item = svc.finish, svc.item_done
         app.state.service = svc
         recovered = _recover(svc)
         metrics.sessions.set(store.count_sessions())
@@ -111,7 +115,7 @@ def create_app(config: ServiceConfig | None = None) -> FastAPI:
         sweeper = asyncio.create_task(_sweep(svc))
         yield
         sweeper.cancel()
-        svc.runner.close()
+        runner.close()
         engine.close()
         store.close()
 
@@ -120,14 +124,19 @@ def create_app(config: ServiceConfig | None = None) -> FastAPI:
         version=gravel.__version__,
         description="Private inference on encrypted data: the server computes on TFHE ciphertexts "
         "and never sees a secret key. Model management needs the admin token; a session's "
-        "token reaches that session's keys, jobs and results only (Authorization: Bearer TOKEN).",
+        "token reaches that session's keys, jobs and results only (Authorization: Bearer TOKEN). "
+        "Client faults are answered 4xx with a message naming the problem; the server's own "
+        "faults 5xx, with an error id that its log explains.",
         lifespan=lifespan,
     )
     app.include_router(routes_models.router)
-    app.include_router(routes_sessions.router)
+    app.include_router(routes_models.admin_router)
+    app.include_router(routes_sessions.keys_router)
+    app.include_router(routes_sessions.session_router)
+    app.include_router(routes_sessions.jobs_router)
     _ops_routes(app)
-    _error_handlers(app)
-    _metrics_middleware(app)
+    install_error_handlers(app)
+    app.add_middleware(ObserveRequests)
     return app
 
 
@@ -150,52 +159,42 @@ def _ops_routes(app: FastAPI) -> None:
     def metrics(request: Request) -> PlainTextResponse:
         svc = service_of(request)
         svc.metrics.queue_depth.set(svc.runner.depth)
+        svc.metrics.key_cache_bytes.set(svc.engine.key_cache.bytes)
+        svc.metrics.key_cache_sessions.set(len(svc.engine.key_cache))
         return PlainTextResponse(svc.metrics.render(), media_type="text/plain; version=0.0.4")
 
 
-def _error_handlers(app: FastAPI) -> None:
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(request: Request, exc: StarletteHTTPException):
-        headers = dict(exc.headers or {})
-        if exc.status_code == 405:  # Starlette lists only the first matching route's methods
-            headers["Allow"] = ", ".join(sorted(_allowed_methods(request)))
-        return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=headers)
+class ObserveRequests:
+    """Request metrics, as plain ASGI middleware: Starlette's BaseHTTPMiddleware would hide a
+    client's disconnection from the routes, and /infer must see it to cancel its work."""
 
-    @app.exception_handler(RequestValidationError)
-    async def validation_error(request: Request, exc: RequestValidationError):
-        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
-        return JSONResponse({"detail": f"invalid request: {problems}"}, status_code=422)
+    def __init__(self, app) -> None:
+        self.app = app
 
-    @app.exception_handler(GravelError)
-    async def gravel_error(request: Request, exc: GravelError):
-        return JSONResponse({"detail": str(exc)}, status_code=400)
-
-    @app.exception_handler(Exception)
-    async def unexpected(request: Request, exc: Exception):
-        log.exception("unexpected error on %s %s", request.method, request.url.path)
-        return JSONResponse({"detail": f"internal error: {type(exc).__name__}"}, status_code=500)
-
-
-def _allowed_methods(request: Request) -> set[str]:
-    methods: set[str] = set()
-    for route in request.app.router.routes:
-        if getattr(route, "methods", None) and route.matches(request.scope)[0] != Match.NONE:
-            methods |= route.methods
-    return methods
-
-
-def _metrics_middleware(app: FastAPI) -> None:
-    @app.middleware("http")
-    async def observe(request: Request, call_next):
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
         t0 = time.perf_counter()
-        response = await call_next(request)
-        route = request.scope.get("route")
-        label = getattr(route, "path", "unmatched")
-        svc = getattr(request.app.state, "service", None)
-        if svc is not None:
-            m = svc.metrics
-            m.requests.labels(request.method, label, str(response.status_code)).inc()
-            m.latency.labels(label).observe(time.perf_counter() - t0)
-            m.bytes_in.labels(label).inc(int(request.headers.get("content-length") or 0))
-            m.bytes_out.labels(label).inc(int(response.headers.get("content-length") or 0))
-        return response
+        answer = {"status": 500, "bytes": 0}
+
+        async def observed_send(message) -> None:
+            if message["type"] == "http.response.start":
+                answer["status"] = message["status"]
+                for name, value in message.get("headers", []):
+                    if name.lower() == b"content-length":
+                        answer["bytes"] = int(value)
+            await send(message)
+
+        try:
+            await self.app(scope, receive, observed_send)
+        finally:
+            svc = getattr(scope["app"].state, "service", None)
+            if svc is not None:
+                label = getattr(scope.get("route"), "path", "unmatched")
+                declared = dict(scope["headers"]).get(b"content-length", b"0")
+                m = svc.metrics
+                m.requests.labels(scope["method"], label, str(answer["status"])).inc()
+                m.latency.labels(label).observe(time.perf_counter() - t0)
+                m.bytes_in.labels(label).inc(int(declared) if declared.isdigit() else 0)
+                m.bytes_out.labels(label).inc(answer["bytes"])

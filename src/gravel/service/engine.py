@@ -3,7 +3,12 @@
 Both engines take a model's artifact directory, a session's evaluation keys (loaded lazily
 from the store, so sessions survive a restart without being re-sent) and one framed input
 ciphertext, and return one framed output ciphertext. `slots` is how many inferences the
-service should run at once to keep the engine's CPUs busy.
+service should run at once to keep the engine's CPUs busy. `should_stop` is polled between
+stages and shards (where the backend can be interrupted), so a cancelled job or a dropped
+request frees its slot without waiting for the whole inference.
+
+Evaluation keys are cached by bytes, not by count: one session's keys are tens to hundreds of
+megabytes, so a count says nothing about memory.
 """
 
 from __future__ import annotations
@@ -11,23 +16,27 @@ from __future__ import annotations
 import os
 import threading
 from collections import OrderedDict
+from collections.abc import Callable, Hashable
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Protocol
 
 from gravel.errors import GravelError
 
-__all__ = ["Engine", "LocalEngine", "RayEngine", "make_engine"]
+__all__ = ["Engine", "KeyCache", "LocalEngine", "RayEngine", "make_engine"]
 
 Progress = Callable[[int, int], None]
 KeysLoader = Callable[[], bytes]
+StopCheck = Callable[[], bool]
 
 
 class Engine(Protocol):
     slots: int
     description: str
+    key_cache: KeyCache
 
     def infer(
-        self, model: str, artifact: Path, session: str, keys: KeysLoader, ciphertext: bytes, progress: Progress
+        self, model: str, artifact: Path, session: str, keys: KeysLoader, ciphertext: bytes, progress: Progress,
+        should_stop: StopCheck | None = None,
     ) -> bytes: ...
 
     def drop_session(self, session: str) -> None: ...
@@ -37,17 +46,68 @@ class Engine(Protocol):
     def close(self) -> None: ...
 
 
+class KeyCache:
+    """Loaded evaluation keys by session, least recently used first out, holding at most
+    `budget` bytes (counted as the keys' serialized size, which is about what the deserialized
+    keys occupy). Keys larger than the whole budget are used for their inference but not kept."""
+
+    def __init__(self, budget: int) -> None:
+        self.budget = budget
+        self._items: OrderedDict[Hashable, tuple[object, int]] = OrderedDict()
+        self.bytes = 0
+        self._lock = threading.Lock()
+
+    def get(self, key: Hashable) -> object | None:
+        with self._lock:
+            hit = self._items.get(key)
+            if hit is None:
+                return None
+            self._items.move_to_end(key)
+            return hit[0]
+
+    def put(self, key: Hashable, value: object, size: int) -> list[tuple[Hashable, object]]:
+        """Keep `value`; returns what was evicted to make room, for the caller to release
+        (`(key, value)` itself when it is larger than the whole budget)."""
+        with self._lock:
+            evicted: list[tuple[Hashable, object]] = []
+            old = self._items.pop(key, None)
+            if old is not None:
+                self.bytes -= old[1]
+            if size > self.budget:
+                return [(key, value)]
+            self._items[key] = (value, size)
+            self.bytes += size
+            while self.bytes > self.budget:
+                k, (v, n) = self._items.popitem(last=False)
+                self.bytes -= n
+                evicted.append((k, v))
+            return evicted
+
+    def pop_where(self, match: Callable[[Hashable], bool]) -> list[tuple[Hashable, object]]:
+        with self._lock:
+            gone = [(k, self._items.pop(k)) for k in [k for k in self._items if match(k)]]
+            self.bytes -= sum(n for _, (_, n) in gone)
+            return [(k, v) for k, (v, _) in gone]
+
+    def items(self) -> list[tuple[Hashable, object]]:
+        with self._lock:
+            return [(k, v) for k, (v, _) in self._items.items()]
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._items)
+
+
 class LocalEngine:
     """One inference at a time in this process; the backend's OpenMP threads use every core,
     so running two at once gains nothing and doubles memory."""
 
     description = "local (in-process)"
 
-    def __init__(self, slots: int = 1, cached_sessions: int = 32) -> None:
+    def __init__(self, slots: int = 1, key_cache_bytes: int = 2 << 30) -> None:
         self.slots = slots
         self._models: dict[str, object] = {}
-        self._keys: OrderedDict[str, object] = OrderedDict()
-        self._cached = cached_sessions
+        self.key_cache = KeyCache(key_cache_bytes)
         self._lock = threading.Lock()
 
     def _model(self, model: str, artifact: Path):
@@ -59,26 +119,22 @@ class LocalEngine:
             return self._models[model]
 
     def _session_keys(self, server, session: str, keys: KeysLoader):
-        with self._lock:
-            if session in self._keys:
-                self._keys.move_to_end(session)
-                return self._keys[session]
-        loaded = server.load_evaluation_keys(keys())
-        with self._lock:
-            self._keys[session] = loaded
-            while len(self._keys) > self._cached:
-                self._keys.popitem(last=False)
+        loaded = self.key_cache.get(session)
+        if loaded is None:
+            data = keys()
+            loaded = server.load_evaluation_keys(data)
+            self.key_cache.put(session, loaded, len(data))
         return loaded
 
-    def infer(self, model, artifact, session, keys, ciphertext, progress) -> bytes:
+    def infer(self, model, artifact, session, keys, ciphertext, progress, should_stop=None) -> bytes:
         server = self._model(model, artifact)
         value = server.load_input(ciphertext)
-        out, _ = server.run(self._session_keys(server, session, keys), value, progress=progress)
+        out, _ = server.run(self._session_keys(server, session, keys), value, progress=progress,
+                            should_stop=should_stop)
         return server.frame_output(out)
 
     def drop_session(self, session: str) -> None:
-        with self._lock:
-            self._keys.pop(session, None)
+        self.key_cache.pop_where(lambda k: k == session)
 
     def drop_model(self, model: str) -> None:
         with self._lock:
@@ -95,7 +151,8 @@ class RayEngine:
     cluster has no room, the executors of models with no inference in flight are shut down
     first (their actors restart on the next request for them, in seconds)."""
 
-    def __init__(self, address: str | None = None, workers: int | None = None) -> None:
+    def __init__(self, address: str | None = None, workers: int | None = None,
+                 key_cache_bytes: int = 2 << 30) -> None:
         import ray
 
         from gravel.cluster.executor import ClusterError
@@ -104,7 +161,8 @@ class RayEngine:
         self.workers = workers
         self._executors: OrderedDict[str, object] = OrderedDict()
         self._inflight: dict[str, int] = {}
-        self._sessions: dict[tuple[str, str], str] = {}
+        # (model, session) -> the executor's session handle (keys in Ray's object store)
+        self.key_cache = KeyCache(key_cache_bytes)
         self._cond = threading.Condition()
         self._owns_ray = not ray.is_initialized()
         if self._owns_ray:
@@ -146,18 +204,37 @@ class RayEngine:
         ex = self._executors.pop(model, None)
         if ex is not None:
             ex.shutdown()
-        self._sessions = {k: v for k, v in self._sessions.items() if k[0] != model}
+        self.key_cache.pop_where(lambda k: k[0] == model)
 
-    def infer(self, model, artifact, session, keys, ciphertext, progress) -> bytes:
+    def _release(self, evicted: list) -> None:
+        """Close evicted handles in their executor, unless another session shares them
+        (identical keys give one handle)."""
+        for (model, _), handle in evicted:
+            ex = self._executors.get(model)
+            shared = any(k[0] == model and v == handle for k, v in self.key_cache.items())
+            if ex is not None and not shared:
+                ex.close_session(handle)
+
+    def infer(self, model, artifact, session, keys, ciphertext, progress, should_stop=None) -> bytes:
         ex = self._executor(model, artifact)
         try:
-            with self._cond:
-                handle = self._sessions.get((model, session))
+            key = (model, session)
+            handle, uncached = self.key_cache.get(key), []
             if handle is None:
-                handle = ex.open_session(keys())
+                data = keys()
+                size = len(data)
+                handle = ex.open_session(data)
+                del data
                 with self._cond:
-                    self._sessions[(model, session)] = handle
-            out, _ = ex.infer(handle, ciphertext, progress=progress)
+                    evicted = self.key_cache.put(key, handle, size)
+                    uncached = [e for e in evicted if e[0] == key]  # larger than the whole cache
+                    self._release([e for e in evicted if e[0] != key])
+            try:
+                out, _ = ex.infer(handle, ciphertext, progress=progress, should_stop=should_stop)
+            finally:
+                if uncached:
+                    with self._cond:
+                        self._release(uncached)
             return out
         finally:
             with self._cond:
@@ -166,11 +243,7 @@ class RayEngine:
 
     def drop_session(self, session: str) -> None:
         with self._cond:
-            for key in [k for k in self._sessions if k[1] == session]:
-                handle = self._sessions.pop(key)
-                ex = self._executors.get(key[0])
-                if ex is not None and handle not in self._sessions.values():
-                    ex.close_session(handle)
+            self._release(self.key_cache.pop_where(lambda k: k[1] == session))
 
     def drop_model(self, model: str) -> None:
         with self._cond:
@@ -186,11 +259,12 @@ class RayEngine:
             ray.shutdown()
 
 
-def make_engine(kind: str, ray_address: str | None = None, workers: int | None = None) -> Engine:
+def make_engine(kind: str, ray_address: str | None = None, workers: int | None = None,
+                key_cache_bytes: int = 2 << 30) -> Engine:
     """`local`: in this process. `ray`: the Ray cluster at `ray_address` (or RAY_ADDRESS), else
     an embedded single-machine Ray."""
     if kind == "local":
-        return LocalEngine()
+        return LocalEngine(key_cache_bytes=key_cache_bytes)
     if kind == "ray":
-        return RayEngine(ray_address or os.environ.get("RAY_ADDRESS") or None, workers)
+        return RayEngine(ray_address or os.environ.get("RAY_ADDRESS") or None, workers, key_cache_bytes)
     raise GravelError(f"unknown executor {kind!r}: use 'local' or 'ray'")

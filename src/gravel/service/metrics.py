@@ -21,11 +21,15 @@ class Metrics:
         self.bytes_out = Counter("gravel_response_bytes", "Response body bytes", ["route"], registry=self.registry)
         self.queue_depth = Gauge("gravel_queue_depth", "Inference jobs waiting or running", registry=self.registry)
         self.inference = Histogram(
-            "gravel_inference_seconds", "Engine time per encrypted inference", registry=self.registry,
+            "gravel_inference_seconds", "Engine time per encrypted inference (one item of a request or job)", registry=self.registry,
             buckets=(0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64),
         )
         self.jobs = Counter("gravel_jobs", "Finished inference jobs", ["status"], registry=self.registry)
         self.sessions = Gauge("gravel_sessions", "Open sessions", registry=self.registry)
+        self.key_cache_bytes = Gauge("gravel_key_cache_bytes", "Evaluation keys held loaded by the engine",
+                                     registry=self.registry)
+        self.key_cache_sessions = Gauge("gravel_key_cache_sessions", "Sessions whose keys the engine holds loaded",
+                                        registry=self.registry)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -23,12 +23,17 @@ def free_port() -> int:
 
 
 class ServiceProcess:
-    """`restart()` keeps the port and the data directory, as an operator's restart would."""
+    """`restart()` keeps the port and the data directory, as an operator's restart would.
+
+    `launcher` is a command prefix the server runs under, e.g. `["prlimit", "--nofile=128", "--"]`
+    for a low open-file limit; the server is then `exec`ed by it, so `proc.pid` is the server's."""
 
     def __init__(self, data_dir: Path, admin_token: str, executor: str = "local",
-                 env: dict[str, str] | None = None, port: int | None = None) -> None:
+                 env: dict[str, str] | None = None, port: int | None = None,
+                 launcher: list[str] | None = None) -> None:
         self.data_dir = Path(data_dir)
         self.executor = executor
+        self.launcher = list(launcher or [])
         self.env = {**os.environ, "GRAVEL_ADMIN_TOKEN": admin_token, **(env or {})}
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -39,7 +44,7 @@ class ServiceProcess:
         import httpx
 
         self.data_dir.parent.mkdir(parents=True, exist_ok=True)
-        cmd = [sys.executable, "-m", "gravel.cli.main", "-q", "serve", "--port", str(self.port),
+        cmd = [*self.launcher, sys.executable, "-m", "gravel.cli.main", "-q", "serve", "--port", str(self.port),
                "--data-dir", str(self.data_dir), "--executor", self.executor]
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT)

@@ -1,35 +1,56 @@
-"""/v1/models: deploy (admin), list, describe, the client's files, delete (admin).
+"""/v1/models: list, describe, the client's files (anyone); deploy and delete (admin).
 
-An artifact arrives as a tar archive of its directory. Only the four artifact files are taken,
-as regular files, each into a blob; the manifest's hashes and versions are checked and the
-server program is loaded once before the model is registered. The server program is read by
-the backend's loader (which uses jsonpickle inside server.zip), so only the admin, i.e. the
-model owner, can deploy: clients never send programs.
+An artifact arrives as an uncompressed tar archive of its directory. Only the four artifact
+files are taken, as regular files with bounded sizes, each into a blob; the manifest is checked
+against its schema, then its hashes and versions, the server program is loaded once and the
+exact sizes of the program's keys and inputs are measured, all before the model is registered:
+a refused deploy leaves nothing behind. The server program is read by the backend's loader
+(which uses jsonpickle inside server.zip), so only the admin, i.e. the model owner, can
+deploy: clients never send programs.
 """
 
 from __future__ import annotations
 
-import re
+import logging
 import shutil
 import tarfile
 import tempfile
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, BinaryIO
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Depends, Request, Response
 from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
 from gravel.errors import GravelError
-from gravel.protocol.manifest import CLIENT_FILES, MANIFEST, SERVER_FILES, file_sha256, load_manifest
-from gravel.service.state import ERRORS, ApiError, check_type, read_body, service_of
-from gravel.service.store import Store
+from gravel.protocol.manifest import (
+    CLIENT_FILES,
+    MANIFEST,
+    SERVER_FILES,
+    file_sha256,
+    load_manifest,
+)
+from gravel.service.api_errors import ERRORS, ApiError, scrub
+from gravel.service.bodies import check_type, receive_body
+from gravel.service.container import service_of
+from gravel.service.dependencies import require_admin
+from gravel.service.manifest_schema import MAX_MANIFEST_BYTES, parse_manifest
+from gravel.service.measure import measure_sizes
+from gravel.service.store import Store, storage_errors
+
+__all__ = ["admin_router", "router"]
+
+log = logging.getLogger("gravel.service")
 
 router = APIRouter(prefix="/v1/models", tags=["models"], responses=ERRORS)
+admin_router = APIRouter(prefix="/v1/models", tags=["models"], responses=ERRORS,
+                         dependencies=[Depends(require_admin)])
 
 ARTIFACT_FILES = (MANIFEST, *CLIENT_FILES, *SERVER_FILES)
-NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 TAR_TYPES = ("application/x-tar", "application/octet-stream")
+MAX_MEMBERS = 16  # the four files, their directory, a few pax headers
+MAX_HEADER_DATA = 64 << 10  # pax / GNU long-name data, read into memory by tarfile
+COMPRESSED = {b"\x1f\x8b": "gzip", b"BZh": "bzip2", b"\xfd7zXZ\x00": "xz", b"\x28\xb5\x2f\xfd": "zstd"}
 
 
 class ModelInfo(BaseModel):
@@ -42,6 +63,8 @@ class ModelInfo(BaseModel):
     stages: list[dict[str, Any]]
     pbs_count: int
     backend: str
+    keys_bytes: int | None = None
+    input_bytes: int | None = None
 
 
 class ModelList(BaseModel):
@@ -60,22 +83,31 @@ def model_info(row: dict[str, Any]) -> ModelInfo:
         stages=[{"name": s["name"], "shards": s["shards"]} for s in m["plan"]],
         pbs_count=m["stats"]["pbs_count"],
         backend=f"{m['backend']['name']} {m['backend']['concrete_python']}",
+        keys_bytes=row.get("keys_bytes"),
+        input_bytes=row.get("input_bytes"),
     )
 
 
 @router.get("", response_model=ModelList, summary="List deployed models")
 def list_models(request: Request) -> ModelList:
-    return ModelList(models=[model_info(r) for r in service_of(request).store.list_models()])
+    models = []
+    for row in service_of(request).store.list_models():
+        try:  # rows are checked at deploy; one from an older server must not hide the others
+            models.append(model_info(row))
+        except (KeyError, TypeError, ValueError) as exc:
+            log.error("model %r has an unreadable manifest and is not listed: %r", row["name"], exc)
+    return ModelList(models=models)
 
 
-@router.post(
+@admin_router.post(
     "",
     response_model=ModelInfo,
     status_code=201,
     summary="Deploy a compiled artifact (admin)",
-    description="Body: a tar archive of an artifact directory (`gravel deploy` makes it). "
-    "201 when registered, 200 when the same artifact is already there, 409 when another "
-    "artifact has that name.",
+    description="Body: an uncompressed tar archive of an artifact directory (`gravel deploy` makes "
+    "it). 201 when registered, 200 when the same artifact is already there, 409 when another "
+    "artifact has that name. The server measures the program's key and input sizes (one "
+    "throwaway key generation), so a deploy takes seconds.",
     openapi_extra={
         "requestBody": {
             "required": True,
@@ -87,11 +119,11 @@ def list_models(request: Request) -> ModelList:
 )
 async def deploy(request: Request, response: Response) -> ModelInfo:
     svc = service_of(request)
-    svc.require_admin(request)
     check_type(request, *TAR_TYPES)
-    upload = await read_body(request, svc.store, svc.config.max_artifact_bytes, "artifact archive")
+    upload = await receive_body(request, svc.store, svc.config.max_artifact_bytes, "artifact archive",
+                                svc.config.body_timeout_s)
     try:
-        row, created = await run_in_threadpool(_ingest, svc.store, upload.path)
+        row, created = await run_in_threadpool(_ingest, svc.store, upload.path, svc.config.max_artifact_bytes)
     finally:
         upload.discard()
     if created:
@@ -124,12 +156,12 @@ def client_spec(name: str, request: Request) -> Response:
     return _client_file(request, name, CLIENT_FILES[0])
 
 
-@router.delete("/{name}", status_code=204, summary="Delete a model with its sessions and jobs (admin)")
+@admin_router.delete("/{name}", status_code=204, summary="Delete a model with its sessions and jobs (admin)")
 def delete(name: str, request: Request) -> Response:
     svc = service_of(request)
-    svc.require_admin(request)
     svc.model_row(name)
     for sid in svc.store.delete_model(name):
+        svc.runner.cancel_session(sid)
         svc.engine.drop_session(sid)
     svc.engine.drop_model(name)
     return Response(status_code=204)
@@ -141,28 +173,34 @@ def _client_file(request: Request, name: str, fname: str) -> Response:
     return Response(svc.store.read_blob(row["files"][fname]), media_type="application/json")
 
 
-def _ingest(store: Store, archive: Path) -> tuple[dict[str, Any], bool]:
+def _ingest(store: Store, archive: Path, limit: int) -> tuple[dict[str, Any], bool]:
     """Check an uploaded archive and register its model; returns (row, newly created)."""
     work = Path(tempfile.mkdtemp(dir=store.tmp_dir, prefix="artifact-"))
+
+    def refuse(exc: BaseException, prefix: str = "artifact rejected") -> ApiError:
+        # Messages name files inside the artifact, never where the server unpacked it.
+        return ApiError(400, f"{prefix}: {scrub(str(exc), {str(work): 'artifact', str(store.root): 'DATA_DIR'})}")
+
     try:
-        _extract(archive, work)
+        with storage_errors("the uploaded artifact"):
+            _extract(archive, work, limit)
         try:
+            data = parse_manifest((work / MANIFEST).read_bytes())
             manifest = load_manifest(work, role="all")
         except GravelError as exc:
-            raise ApiError(400, f"artifact rejected: {exc}") from None
-        name = manifest.name
-        if not NAME.match(name):
-            raise ApiError(400, f"model name {name!r}: use letters, digits, '.', '_' or '-' (at most 64)")
+            raise refuse(exc) from None
+        name = data["model"]["name"]
         try:
             from gravel.server import ServerModel
 
             ServerModel(manifest)
+            sizes = measure_sizes(manifest)
         except GravelError as exc:
-            raise ApiError(400, f"artifact rejected: {exc}") from None
+            raise refuse(exc) from None
         except Exception as exc:  # noqa: BLE001 - the backend's loader on a damaged program
-            raise ApiError(400, f"artifact rejected: its server program does not load ({exc})") from None
+            raise refuse(exc, "artifact rejected: its server program does not load") from None
         # load_manifest has checked the other files against the hashes the manifest lists.
-        files = {f: manifest.data["files"][f] for f in (*CLIENT_FILES, *SERVER_FILES)}
+        files = {f: data["files"][f] for f in (*CLIENT_FILES, *SERVER_FILES)}
         files[MANIFEST] = file_sha256(work / MANIFEST)
         with store.lock:
             existing = store.get_model(name)
@@ -172,27 +210,38 @@ def _ingest(store: Store, archive: Path) -> tuple[dict[str, Any], bool]:
                 raise ApiError(409, f"a different model named {name!r} is deployed; delete it first")
             for f in ARTIFACT_FILES:
                 store.put_file(work / f)
-            store.add_model(name, manifest.digest.hex(), files[MANIFEST], files, manifest.data)
+            store.add_model(name, manifest.digest.hex(), files[MANIFEST], files, data,
+                            sizes.keys_bytes, sizes.input_bytes)
             return store.get_model(name), True
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def _extract(archive: Path, into: Path) -> None:
-    """Take the artifact's files out of a tar, refusing anything else by name."""
+def _extract(archive: Path, into: Path, limit: int) -> None:
+    """Take the artifact's files out of an uncompressed tar, refusing anything else by name,
+    and bounding what is written: no compression and no sparse members, so nothing expands
+    beyond the archive's own size (itself under the artifact limit); every file is copied to
+    exactly its declared size."""
+    _check_headers(archive)
     try:
-        tar = tarfile.open(archive, "r:*")
-    except (tarfile.TarError, OSError) as exc:
-        raise ApiError(400, f"artifact archive: not a tar archive ({exc})") from None
+        tar = tarfile.open(archive, "r:")
+    except (tarfile.TarError, OSError):
+        raise ApiError(400, "artifact archive: not an uncompressed tar archive") from None
     seen: set[str] = set()
+    written = 0
     with tar:
         try:
-            for member in tar:
+            for count, member in enumerate(tar, 1):
+                if count > MAX_MEMBERS:
+                    raise ApiError(400, f"artifact archive: more than {MAX_MEMBERS} entries")
                 path = PurePosixPath(member.name)
                 if member.isdir():
                     continue
                 if ".." in path.parts or path.is_absolute() or len(path.parts) > 2:
                     raise ApiError(400, f"artifact archive: unexpected path {member.name!r}")
+                if member.issparse():
+                    raise ApiError(400, f"artifact archive: {member.name!r} is a sparse file; "
+                                        "send regular files (gravel deploy does)")
                 if not member.isreg():
                     raise ApiError(400, f"artifact archive: {member.name!r} is not a regular file")
                 if path.name not in ARTIFACT_FILES:
@@ -200,12 +249,64 @@ def _extract(archive: Path, into: Path) -> None:
                                         f"holds {', '.join(ARTIFACT_FILES)}")
                 if path.name in seen:
                     raise ApiError(400, f"artifact archive: {path.name} appears twice")
+                cap = MAX_MANIFEST_BYTES if path.name == MANIFEST else limit
+                if member.size > cap or written + member.size > limit:
+                    raise ApiError(413, f"artifact archive: {path.name} declares {member.size} bytes, over "
+                                        f"the limit of {min(cap, limit - written)}")
                 seen.add(path.name)
                 src = tar.extractfile(member)
                 with open(into / path.name, "wb") as dst:
-                    shutil.copyfileobj(src, dst)
-        except (tarfile.TarError, EOFError, OSError) as exc:
-            raise ApiError(400, f"artifact archive: truncated or corrupt ({exc})") from None
+                    copied = _copy(src, dst, member.size)
+                if copied != member.size:
+                    raise ApiError(400, f"artifact archive: {path.name} is truncated")
+                written += copied
+        except (tarfile.TarError, EOFError):
+            raise ApiError(400, "artifact archive: truncated or corrupt") from None
     missing = [f for f in ARTIFACT_FILES if f not in seen]
     if missing:
         raise ApiError(400, f"artifact archive: missing {', '.join(missing)}")
+
+
+def _check_headers(archive: Path) -> None:
+    """Before tarfile reads the archive: refuse compressed ones by their magic bytes, and
+    walk the 512-byte headers (with tarfile's own header parser) to refuse pax or GNU
+    long-name records whose data tarfile would read whole into memory."""
+    with open(archive, "rb") as f:
+        magic = f.read(6)
+        for prefix, kind in COMPRESSED.items():
+            if magic.startswith(prefix):
+                raise ApiError(400, f"artifact archive: {kind}-compressed; send an uncompressed tar "
+                                    "(the artifact's files are compressed already; gravel deploy sends one)")
+        size = archive.stat().st_size
+        pos = 0
+        for _ in range(4 * MAX_MEMBERS):
+            f.seek(pos)
+            block = f.read(tarfile.BLOCKSIZE)
+            if len(block) < tarfile.BLOCKSIZE or block.count(0) == tarfile.BLOCKSIZE:
+                return
+            try:
+                info = tarfile.TarInfo.frombuf(block, tarfile.ENCODING, "surrogateescape")
+            except tarfile.HeaderError:
+                raise ApiError(400, "artifact archive: not an uncompressed tar archive") from None
+            if info.type in (tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.GNUTYPE_LONGNAME,
+                             tarfile.GNUTYPE_LONGLINK) and info.size > MAX_HEADER_DATA:
+                raise ApiError(400, f"artifact archive: a {info.size}-byte extended header; "
+                                    f"at most {MAX_HEADER_DATA} are read")
+            if info.type == tarfile.GNUTYPE_SPARSE:
+                raise ApiError(400, f"artifact archive: {info.name!r} is a sparse file; send regular files")
+            pos += tarfile.BLOCKSIZE + -(-info.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+            if pos > size:
+                raise ApiError(400, "artifact archive: truncated")
+        raise ApiError(400, f"artifact archive: more than {MAX_MEMBERS} entries")
+
+
+def _copy(src: BinaryIO | None, dst: BinaryIO, size: int) -> int:
+    """Copy at most `size` bytes; returns how many were copied."""
+    copied = 0
+    while src is not None and copied < size:
+        chunk = src.read(min(1 << 20, size - copied))
+        if not chunk:
+            break
+        dst.write(chunk)
+        copied += len(chunk)
+    return copied
