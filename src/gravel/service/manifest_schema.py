@@ -100,7 +100,7 @@ SCHEMA: dict = {
     "output": {"num_classes": integer(1, 1 << 16), "scale": array(number(), 1, 1 << 16),
                "offset": array(number(), 1, 1 << 16)},
     "stages": array({"name": string()}, 1, 1024),
-    "plan": array({"name": string(), "shards": integer(1, 4096), "shard_size": integer(1, 1 << 24),
+    "plan": array({"name": string(), "shards": integer(1, 4096), "shard_size": integer(0, 1 << 24),
                    "in_parts": integer(1, 4096)}, 1, 1024),
     "stats": {"pbs_count": integer(0, 1 << 50)},
     Maybe("fused"): {"function": string()},
