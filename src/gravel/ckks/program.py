@@ -1,0 +1,188 @@
+"""A compiled CKKS model: the shared contract of the compiler, the server and the client.
+
+A program is a chain of stages, each an optional affine map (one dense matrix and bias: every
+gemm, conv, pooling, reshape and affine between two activations, multiplied out) followed by an
+optional polynomial with no constant term whose leading coefficient is 1. The activations'
+leading coefficients and constants are folded into the next stage's matrix and bias (or, after
+the last stage, into `out_scale` / `out_offset`, which the client applies after decrypting):
+that keeps x^2 and every degree-2 fit at one level.
+
+    depth = (stages with a matrix) + sum of polyval_depth(poly)
+
+Packing (`layouts`): one image is laid out contiguously in one ciphertext and every matrix is
+applied by the diagonal method (gravel.ckks.packing.matmul_map, baby-step/giant-step); a batch
+is packed SIMD across images, `block` slots per feature and `slots // block` features per
+ciphertext, and a matrix costs one plaintext multiplication per (input ciphertext, output
+ciphertext, block offset). The rotation steps each packing needs are computed here, from the
+weights and the ring, once: the client makes Galois keys for exactly those.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from gravel.ckks.evaluator import polyval_depth
+from gravel.ckks.packing import contiguous_layout, matmul_map, samples_layout
+from gravel.ckks.params import CkksParams
+from gravel.errors import ArtifactError, InputError
+
+__all__ = ["CkksProgram", "Stage", "batch_rotation_steps", "single_layouts"]
+
+
+@dataclass
+class Stage:
+    """y = poly(x @ weight.T + bias); weight None: no affine map; poly None: no activation."""
+
+    weight: np.ndarray | None
+    bias: np.ndarray | None
+    poly: tuple[float, ...] | None = None  # coefficients from x^0, with poly[0] == 0, poly[-1] == 1
+    source: str = ""
+
+    @property
+    def depth(self) -> int:
+        return (self.weight is not None) + (polyval_depth(list(self.poly)) if self.poly else 0)
+
+
+@dataclass
+class CkksProgram:
+    """What the server evaluates and the client needs to know (see the module doc)."""
+
+    input_shape: tuple[int, ...]
+    stages: list[Stage]
+    out_scale: float = 1.0
+    out_offset: float = 0.0
+    params: CkksParams | None = None
+    block: int = 1
+    single_steps: list[int] = field(default_factory=list)
+    batch_steps: list[int] = field(default_factory=list)
+    output_slots: list[int] = field(default_factory=list)  # single image: where each output lies
+
+    @property
+    def n_in(self) -> int:
+        return math.prod(self.input_shape)
+
+    @property
+    def n_out(self) -> int:
+        for st in reversed(self.stages):
+            if st.weight is not None:
+                return int(st.weight.shape[0])
+        return self.n_in
+
+    @property
+    def depth(self) -> int:
+        return sum(st.depth for st in self.stages)
+
+    def simulate(self, x: np.ndarray) -> np.ndarray:
+        """The program in float64 on a batch (N, *input_shape): what decryption should give,
+        up to CKKS noise, after the client's output affine."""
+        h = np.asarray(x, dtype=np.float64).reshape(len(x), -1)
+        for st in self.stages:
+            if st.weight is not None:
+                h = h @ st.weight.T + st.bias
+            if st.poly is not None:
+                h = np.polynomial.polynomial.polyval(h, np.asarray(st.poly))
+        return h * self.out_scale + self.out_offset
+
+    # -- artifact form: JSON for the structure, arrays for npz (never a pickle) -------------
+    def to_json(self, arrays: dict[str, np.ndarray]) -> dict[str, Any]:
+        stages = []
+        for i, st in enumerate(self.stages):
+            row: dict[str, Any] = {"poly": list(st.poly) if st.poly else None, "source": st.source,
+                                   "weight": None}
+            if st.weight is not None:
+                row["weight"], row["bias"] = f"s{i}_weight", f"s{i}_bias"
+                arrays[row["weight"]] = np.ascontiguousarray(st.weight, dtype=np.float64)
+                arrays[row["bias"]] = np.ascontiguousarray(st.bias, dtype=np.float64)
+            stages.append(row)
+        return {"input_shape": list(self.input_shape), "stages": stages,
+                "depth": self.depth, "n_in": self.n_in, "n_out": self.n_out}
+
+    def client_json(self) -> dict[str, Any]:
+        """The client's part: parameters, packing and rotation steps; no weights."""
+        if self.params is None:
+            raise ArtifactError("the program has no CKKS parameters yet (plan it first)")
+        return {
+            "format": "gravel-ckks-client", "version": 1,
+            "params": self.params.to_json(),
+            "input_shape": list(self.input_shape), "n_in": self.n_in, "n_out": self.n_out,
+            "depth": self.depth,
+            "output": {"scale": self.out_scale, "offset": self.out_offset},
+            "single": {"layout": "contiguous", "rotation_steps": list(self.single_steps),
+                       "output_slots": list(self.output_slots)},
+            "batch": {"layout": "samples", "block": self.block,
+                      "rotation_steps": list(self.batch_steps)},
+        }
+
+    @classmethod
+    def from_artifact(cls, program: dict[str, Any], client: dict[str, Any],
+                      arrays: dict[str, np.ndarray]) -> CkksProgram:
+        """Rebuild from the manifest's program, the client file and the weights; checks shapes."""
+        try:
+            stages = []
+            for row in program["stages"]:
+                w = b = None
+                if row["weight"] is not None:
+                    w, b = arrays[row["weight"]], arrays[row["bias"]]
+                    if w.ndim != 2 or b.shape != (w.shape[0],):
+                        raise ArtifactError(f"weights {row['weight']}: shapes {w.shape}, {b.shape}")
+                poly = tuple(float(c) for c in row["poly"]) if row["poly"] else None
+                stages.append(Stage(w, b, poly, str(row.get("source", ""))))
+            prog = cls(tuple(int(d) for d in program["input_shape"]), stages,
+                       float(client["output"]["scale"]), float(client["output"]["offset"]),
+                       CkksParams.from_json(client["params"]), int(client["batch"]["block"]),
+                       [int(s) for s in client["single"]["rotation_steps"]],
+                       [int(s) for s in client["batch"]["rotation_steps"]],
+                       [int(s) for s in client["single"]["output_slots"]])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ArtifactError(f"CKKS program: malformed ({type(exc).__name__}: {exc}); recompile") from None
+        if prog.depth != int(program.get("depth", -1)) or prog.depth > prog.params.depth:
+            raise ArtifactError(f"CKKS program: depth {prog.depth} does not match its parameters "
+                                f"({prog.params.depth} levels); recompile")
+        return prog
+
+    # -- inputs ----------------------------------------------------------------------------
+    def conform(self, x: np.ndarray) -> np.ndarray:
+        """A batch (N, n_in) from (N, *input_shape) or one sample of input_shape."""
+        x = np.asarray(x, dtype=np.float64)
+        if tuple(x.shape) == tuple(self.input_shape):
+            x = x[None]
+        if tuple(x.shape[1:]) != tuple(self.input_shape) and not (x.ndim == 2 and x.shape[1] == self.n_in):
+            raise InputError(f"input of shape {x.shape}; the model takes {self.input_shape} per "
+                             "sample (or a batch of them)")
+        if not np.all(np.isfinite(x)):
+            raise InputError("inputs must be finite (found NaN or infinity)")
+        return x.reshape(len(x), self.n_in)
+
+
+def single_layouts(program: CkksProgram, slots: int,
+                   available_steps: list[int] | None = None) -> tuple[list[Any], list[np.ndarray]]:
+    """One image: the LinearMap of each stage (None where it has no matrix) and the layout
+    after each stage (the input layout first)."""
+    layout = contiguous_layout((program.n_in,), slots)
+    layouts, maps = [layout], []
+    for st in program.stages:
+        if st.weight is None:
+            maps.append(None)
+        else:
+            lm, layout = matmul_map(st.weight.T, layout, slots, available_steps)
+            maps.append(lm)
+        layouts.append(layout)
+    return maps, layouts
+
+
+def batch_rotation_steps(slots: int, block: int) -> list[int]:
+    """SIMD across images: the block offsets a matrix rotates its partial sums by."""
+    out = set()
+    for k in range(1, slots // block):
+        s = (k * block) % slots
+        out.add(s if s <= slots // 2 else s - slots)
+    return sorted(out)
+
+
+def batch_layout(program: CkksProgram, n: int, features: int, slots: int) -> np.ndarray:
+    """Slots of (sample, feature) in the SIMD packing (one group of at most `block` samples)."""
+    return samples_layout(n, features, slots, program.block)
