@@ -38,10 +38,16 @@ class CkksClient:
             self.out_offset = float(spec["output"]["offset"])
             self.single_steps = [int(s) for s in spec["single"]["rotation_steps"]]
             self.output_slots = np.asarray(spec["single"]["output_slots"], dtype=np.int64)
+            self.single_kind = str(spec["single"]["layout"])
+            self.single_period = int(spec["single"]["period"])
             self.block = int(spec["batch"]["block"])
             self.batch_steps = [int(s) for s in spec["batch"]["rotation_steps"]]
         except (KeyError, TypeError, ValueError) as exc:
             raise ArtifactError(f"CKKS client spec: malformed ({exc}); recompile the model") from None
+        if self.single_kind not in ("replicated", "contiguous") or (
+                self.single_kind == "replicated" and not self.n_in <= self.single_period <= self.params.slots):
+            raise ArtifactError(f"CKKS client spec: unknown single-image layout {self.single_kind!r}; "
+                                "recompile the model or update Gravel")
         if len(self.output_slots) != self.n_out or math.prod(self.input_shape) != self.n_in:
             raise ArtifactError("CKKS client spec: sizes do not add up; recompile the model")
         self.digest = digest
@@ -94,8 +100,13 @@ class CkksClient:
         if mode == "single":
             if len(flat) != 1:
                 raise InputError(f"mode 'single' encrypts one image, got {len(flat)}")
-            chunks = -(-self.n_in // slots)
-            vecs = [flat[0, c * slots:(c + 1) * slots] for c in range(chunks)]
+            if self.single_kind == "replicated":  # the image repeated with its period
+                one = np.zeros(self.single_period)
+                one[:self.n_in] = flat[0]
+                vecs = [np.tile(one, slots // self.single_period)]
+            else:
+                chunks = -(-self.n_in // slots)
+                vecs = [flat[0, c * slots:(c + 1) * slots] for c in range(chunks)]
         else:
             per = slots // self.block
             chunks = -(-self.n_in // per)

@@ -24,7 +24,7 @@ import numpy as np
 
 from gravel.ckks.params import choose_params, max_depth
 from gravel.ckks.polyfit import ActPoly, polynomial_for
-from gravel.ckks.program import CkksProgram, Stage, batch_rotation_steps, single_layouts
+from gravel.ckks.program import CkksProgram, Stage, batch_rotation_steps, single_plan
 from gravel.compiler.ir import Graph, Node, evaluate
 from gravel.compiler.passes import Pass, run_passes
 from gravel.errors import DepthError, ModelError
@@ -45,7 +45,7 @@ class CkksOptions:
 
     degree: int | None = None
     max_loss: float = 0.01
-    precision_bits: int = 12
+    precision_bits: int = 11
     batch_block: int = 1024
 
 
@@ -296,16 +296,13 @@ def plan_program(program: CkksProgram, options: CkksOptions, max_abs_output: flo
         ) from None
     slots = params.slots
     block = 1 << (max(1, min(options.batch_block, slots)) - 1).bit_length()
-    maps, layouts = single_layouts(program, slots)
-    steps: set[int] = set()
-    for lm in maps:
-        if lm is not None:
-            steps.update(lm.rotation_steps())
+    plan = single_plan(program, slots)
     program.params = params
     program.block = min(block, slots)
-    program.single_steps = sorted(steps, key=lambda s: (abs(s), s))
+    program.single_steps = plan.rotation_steps(slots)
+    program.single_kind, program.single_period = plan.kind, plan.period
     program.batch_steps = batch_rotation_steps(slots, program.block)
-    program.output_slots = [int(v) for v in layouts[-1].ravel()]
+    program.output_slots = plan.output_slots
     return program
 
 

@@ -21,7 +21,7 @@ from gravel.ckks.blob import dump_ciphertexts, load_ciphertexts
 from gravel.ckks.ciphertext import Ciphertext
 from gravel.ckks.context import PublicContext
 from gravel.ckks.evaluator import Evaluator
-from gravel.ckks.program import CkksProgram, single_layouts
+from gravel.ckks.program import CkksProgram, single_plan
 from gravel.errors import InputError, KeyMismatchError
 from gravel.protocol.framing import Kind, frame, unframe
 
@@ -39,9 +39,11 @@ class CkksServer:
         self.program = program
         self.digest = digest
         self.slots = program.params.slots
-        self._maps, layouts = single_layouts(program, self.slots)
+        self._plan = single_plan(program, self.slots)
+        if self._plan.kind != program.single_kind or self._plan.output_slots != program.output_slots:
+            raise InputError("the CKKS program's packing does not match its planned layout; recompile")
         self._single_bias = [self._bias_vectors(st, lay) for st, lay in
-                             zip(program.stages, layouts[1:])]
+                             zip(program.stages, self._plan.layouts)]
 
     # -- keys ------------------------------------------------------------------------------
     def load_keys(self, data: bytes, modes: tuple[str, ...] = MODES) -> PublicContext:
@@ -103,13 +105,18 @@ class CkksServer:
         return frame(Kind.OUTPUT_CIPHERTEXT, self.digest, body)
 
     def _single_in_chunks(self) -> int:
+        if self.program.single_kind == "replicated":
+            return 1
         return -(-self.program.n_in // self.slots) if self.program.n_in > self.slots else 1
 
     def single(self, ev: Evaluator, cts: list[Ciphertext]) -> list[Ciphertext]:
         """One image through every stage (diagonal method)."""
-        for st, lm, bias in zip(self.program.stages, self._maps, self._single_bias):
+        plan = self._plan
+        for st, lm, sm, bias in zip(self.program.stages, plan.maps, plan.sums, self._single_bias):
             if lm is not None:
                 cts = lm.apply(ev, cts, op=f"stage {st.source or '?'}")
+                if sm is not None:
+                    cts = [ev.rotate_sum(ct, sm[0], sm[1]) for ct in cts]
                 bias = bias + [None] * (len(cts) - len(bias))
                 cts = [ev.add_plain(ct, b) if b is not None else ct for ct, b in zip(cts, bias)]
             if st.poly is not None:
@@ -175,6 +182,12 @@ class CkksServer:
     def _bias_vectors(self, st: Any, layout: np.ndarray) -> list[np.ndarray | None]:
         if st.weight is None:
             return []
+        if self._plan.kind == "replicated":  # the output repeats with period m_pad
+            m = st.weight.shape[0]
+            period = 1 << max(0, (m - 1).bit_length())
+            one = np.zeros(period)
+            one[:m] = st.bias
+            return [np.tile(one, self.slots // period) if np.any(one) else None]
         chunks = int(layout.max()) // self.slots + 1
         vecs: list[np.ndarray | None] = []
         flat = layout.ravel()
