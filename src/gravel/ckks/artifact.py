@@ -14,6 +14,7 @@ pickle.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import tempfile
@@ -47,12 +48,15 @@ def write_ckks_artifact(out: str | Path, compiled: CkksCompiled, model_info: dic
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        client = program.client_json()
-        (tmp / CLIENT_FILE).write_text(json.dumps(client, indent=1, sort_keys=True))
         arrays: dict[str, np.ndarray] = {}
         prog_json = program.to_json(arrays)
         with open(tmp / "weights.npz", "wb") as f:
             np.savez(f, **arrays)
+        client = program.client_json()
+        # The client spec names the exact program (structure and weights): its hash, the
+        # model's digest that frames keys and ciphertexts, then differs between any two models.
+        client["program_sha256"] = _program_sha256(prog_json, arrays)
+        (tmp / CLIENT_FILE).write_text(json.dumps(client, indent=1, sort_keys=True))
         files = {n: file_sha256(tmp / n) for n in (CLIENT_FILE, "weights.npz")}
         params = program.params
         manifest = {
@@ -95,6 +99,14 @@ def write_ckks_artifact(out: str | Path, compiled: CkksCompiled, model_info: dic
     return load_manifest(out, role="all")
 
 
+def _program_sha256(prog_json: dict[str, Any], arrays: dict[str, np.ndarray]) -> str:
+    h = hashlib.sha256(json.dumps(prog_json, sort_keys=True).encode())
+    for key in sorted(arrays):
+        h.update(key.encode())
+        h.update(np.ascontiguousarray(arrays[key], dtype=np.float64).tobytes())
+    return h.hexdigest()
+
+
 def _ckks_manifest(artifact: str | Path | Manifest, role: str) -> Manifest:
     manifest = artifact if isinstance(artifact, Manifest) else load_manifest(artifact, role=role)
     if manifest.backend != "ckks":
@@ -121,7 +133,11 @@ def load_program(artifact: str | Path | Manifest) -> CkksProgram:
             arrays = {k: npz[k] for k in npz.files}
     except (OSError, ValueError) as exc:
         raise ArtifactError(f"{manifest.root}: unreadable weights.npz ({exc})") from None
-    return CkksProgram.from_artifact(manifest.data["program"], _client_spec(manifest), arrays)
+    spec = _client_spec(manifest)
+    if spec.get("program_sha256") != _program_sha256(manifest.data["program"], arrays):
+        raise ArtifactError(f"{manifest.root}: the program and weights do not match the client spec's "
+                            "program hash (altered?); recompile the model")
+    return CkksProgram.from_artifact(manifest.data["program"], spec, arrays)
 
 
 def load_server(artifact: str | Path | Manifest) -> CkksServer:
