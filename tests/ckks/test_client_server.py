@@ -1,0 +1,68 @@
+"""The private path through real bytes: keys made by the client, evaluation by a server that
+holds only the public context, decryption equal to the float model within CKKS noise."""
+
+import numpy as np
+import pytest
+
+from gravel.ckks.artifact import compile_ckks_model, load_server
+from gravel.ckks.blob import dump_ciphertexts
+from gravel.errors import KeyMismatchError
+from gravel.protocol.framing import Kind, frame
+
+TOL = 1e-2  # logits are O(10); CKKS at 11 bits of precision after three levels
+
+
+@pytest.fixture(scope="module")
+def server(sq_artifact, sq_keys):
+    srv = load_server(sq_artifact.root)
+    return srv, srv.load_keys(sq_keys[1])
+
+
+def test_server_context_has_no_secret_key(server, sq_keys):
+    _, ctx = server
+    assert ctx.has_secret_key() is False and sq_keys[0].context.has_secret_key() is True
+
+
+def test_one_image_matches_the_float_model(digits, server, sq_keys, sq_float_logits):
+    srv, ctx = server
+    client = sq_keys[0]
+    for i in range(2):
+        reply = srv.run(ctx, client.encrypt(digits.x_test[i]))
+        np.testing.assert_allclose(client.decrypt(reply)[0], sq_float_logits[i], atol=TOL)
+
+
+def test_a_batch_matches_the_float_model(digits, server, sq_keys, sq_float_logits):
+    srv, ctx = server
+    client = sq_keys[0]
+    blob = client.encrypt(digits.x_test[:64])
+    logits = client.decrypt(srv.run(ctx, blob))
+    assert logits.shape == (64, 10)
+    np.testing.assert_allclose(logits, sq_float_logits, atol=TOL)
+    assert (logits.argmax(1) == sq_float_logits.argmax(1)).all()
+
+
+def test_keys_of_another_model_are_refused(tmp_path, digits, relu_model, sq_keys):
+    other = compile_ckks_model(relu_model, digits.x_train[:100], tmp_path / "relu.gravel")
+    with pytest.raises(KeyMismatchError, match="another model"):
+        load_server(other.root).load_keys(sq_keys[1])
+
+
+def test_keys_missing_rotations_are_refused(sq_artifact):
+    from gravel.ckks.artifact import load_client
+
+    client = load_client(sq_artifact.root)
+    client.keygen(("batch",))
+    srv = load_server(sq_artifact.root)
+    srv.load_keys(client.evaluation_keys(), ("batch",))
+    with pytest.raises(KeyMismatchError, match="lack the rotation steps"):
+        srv.load_keys(client.evaluation_keys(), ("single",))
+
+
+def test_a_ciphertext_at_the_wrong_level_is_refused(digits, server, sq_keys):
+    srv, ctx = server
+    client = sq_keys[0]
+    ev = client._ev
+    low = ev.encrypt(np.zeros(64), level=ctx.top_level - 1)
+    body = dump_ciphertexts(client.context, [low], {"mode": "single", "n": 1})
+    with pytest.raises(KeyMismatchError, match="fresh inputs are at level"):
+        srv.run(ctx, frame(Kind.INPUT_CIPHERTEXT, srv.digest, body))
