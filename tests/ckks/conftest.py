@@ -7,8 +7,7 @@ import numpy as np
 import pytest
 
 
-
-def _train(digits, act: str, hidden: int = 16, seed: int = 0):
+def train_digits_mlp(digits, act: str, hidden: int = 16, seed: int = 0):
     import torch
     from torch import nn
 
@@ -30,12 +29,12 @@ def _train(digits, act: str, hidden: int = 16, seed: int = 0):
 
 @pytest.fixture(scope="session")
 def sq_model(digits):
-    return _train(digits, "square")
+    return train_digits_mlp(digits, "square")
 
 
 @pytest.fixture(scope="session")
 def relu_model(digits):
-    return _train(digits, "relu", seed=1)
+    return train_digits_mlp(digits, "relu", seed=1)
 
 
 @pytest.fixture(scope="session")

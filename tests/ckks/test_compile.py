@@ -9,7 +9,7 @@ from gravel.errors import DepthError, ModelError
 
 
 def test_square_model_compiles_exactly(digits, sq_model, sq_float_logits):
-    compiled, info = compile_ckks(sq_model, digits.x_train[:200], digits.y_train[:200])
+    compiled, _ = compile_ckks(sq_model, digits.x_train[:200], digits.y_train[:200])
     prog = compiled.program
     assert compiled.report["exact"] and compiled.notes == []
     # gemm, x^2 (one level, monic), gemm

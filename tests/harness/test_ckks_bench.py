@@ -4,8 +4,23 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from gravel.harness.ckks_bench import bench_ckks
-from tests.ckks.conftest import sq_artifact, sq_model  # noqa: F401 - shared session fixtures
+from tests.ckks.conftest import train_digits_mlp
+
+
+@pytest.fixture(scope="module")
+def sq_model(digits):
+    return train_digits_mlp(digits, "square")
+
+
+@pytest.fixture(scope="module")
+def sq_artifact(tmp_path_factory, digits, sq_model):
+    from gravel.ckks.artifact import compile_ckks_model
+
+    out = tmp_path_factory.mktemp("ckks-bench") / "sq.gravel"
+    return compile_ckks_model(sq_model, digits.x_train[:300], out, digits.y_train[:300], name="sq")
 
 
 def test_bench_fields_single_and_batch(digits, sq_artifact):
@@ -15,14 +30,8 @@ def test_bench_fields_single_and_batch(digits, sq_artifact):
         assert key in r
     assert r["agreement"] == 1.0 and r["max_abs_error"] < 1e-2 and r["reference"] == "clear CKKS program"
     b = bench_ckks(sq_artifact.root, digits, batch=40)
-    assert b["batch"] == 40 and b["per_image_s"] * 40 == pytest_approx(b["batch_latency_s"])
+    assert b["batch"] == 40 and b["per_image_s"] * 40 == pytest.approx(b["batch_latency_s"], rel=1e-2, abs=1e-4)
     assert b["agreement"] == 1.0 and b["eval_key_bytes"] < r["eval_key_bytes"]  # 3 rotation keys
-
-
-def pytest_approx(v):
-    import pytest
-
-    return pytest.approx(v, rel=1e-2, abs=1e-4)
 
 
 def test_cli_compile_and_bench(tmp_path, digits, sq_model):

@@ -118,7 +118,7 @@ class CkksClient:
                 buf[layout.ravel()] = part.ravel()
                 vecs += [buf[c * slots:(c + 1) * slots] for c in range(chunks)]
         cts = [ev.encrypt(v) for v in vecs]
-        body = dump_ciphertexts(ctx, cts, {"mode": mode, "n": int(len(flat))})
+        body = dump_ciphertexts(ctx, cts, {"mode": mode, "n": len(flat)})
         return frame(Kind.INPUT_CIPHERTEXT, self.digest, body)
 
     def decrypt(self, data: bytes) -> np.ndarray:

@@ -197,7 +197,7 @@ def lower_graph(graph: Graph, calib: np.ndarray, labels: np.ndarray | None = Non
     report: dict[str, Any] = {
         "activations": [p.describe() for p in polys],
         "exact": all(p.exact for p in polys),
-        "calib_samples": int(len(calib)),
+        "calib_samples": len(calib),
         "agreement_with_float": float((pred == ref_pred).mean()),
         "max_abs_error_vs_float": float(np.max(np.abs(sim - reference))),
         "max_abs_output": float(np.max(np.abs(sim))),
@@ -256,12 +256,11 @@ def _fold(input_shape: tuple[int, ...], raw: list[tuple[Any, Any, ActPoly | None
             b = b + w.sum(axis=1) * offset
             w = w * scale
             scale, offset = 1.0, 0.0
-        elif scale != 1.0 or offset != 0.0:
+        elif (scale != 1.0 or offset != 0.0) and p is not None:
             # an activation straight after an activation: substitute the affine into it
-            if p is not None:
-                poly = np.polynomial.Polynomial(p.coeffs)(np.polynomial.Polynomial([offset, scale]))
-                p = ActPoly(p.node, p.fn, tuple(poly.coef), p.exact, p.lo, p.hi, p.max_error)
-                scale, offset = 1.0, 0.0
+            poly = np.polynomial.Polynomial(p.coeffs)(np.polynomial.Polynomial([offset, scale]))
+            p = ActPoly(p.node, p.fn, tuple(poly.coef), p.exact, p.lo, p.hi, p.max_error)
+            scale, offset = 1.0, 0.0
         poly = None
         if p is not None:
             c = np.asarray(p.coeffs, dtype=np.float64)

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from itertools import pairwise
 from typing import Any
 
 import numpy as np
@@ -218,7 +219,7 @@ def single_plan(program: CkksProgram, slots: int,
                 available_steps: list[int] | None = None) -> SinglePlan:
     """The packing of one image for a ring of `slots` slots (see the module doc)."""
     dims = [program.n_in] + [int(st.weight.shape[0]) for st in program.stages if st.weight is not None]
-    if all(_pow2(b) <= _pow2(a) <= slots for a, b in zip(dims, dims[1:])) and _pow2(dims[0]) <= slots:
+    if all(_pow2(b) <= _pow2(a) <= slots for a, b in pairwise(dims)) and _pow2(dims[0]) <= slots:
         maps: list[Any] = []
         sums: list[tuple[int, int] | None] = []
         layouts = []

@@ -25,7 +25,7 @@ from gravel.ckks.program import CkksProgram, single_plan
 from gravel.errors import InputError, KeyMismatchError
 from gravel.protocol.framing import Kind, frame, unframe
 
-__all__ = ["CkksServer", "MODES"]
+__all__ = ["MODES", "CkksServer"]
 
 MODES = ("single", "batch")
 

@@ -44,7 +44,7 @@ def _float_logits(model: Any, x: np.ndarray) -> np.ndarray | None:
 
 
 def bench_ckks(model: Any, data: Dataset, samples: int = 10, batch: int | None = None,
-               calib: int = 500, options: CkksOptions = CkksOptions(),
+               calib: int = 500, options: CkksOptions | None = None,
                progress: bool = False) -> dict[str, Any]:
     """One image at a time over `samples` test images, or (with `batch`) one batched
     inference of `batch` test images. `model`: an artifact directory or anything
@@ -62,7 +62,7 @@ def bench_ckks(model: Any, data: Dataset, samples: int = 10, batch: int | None =
     else:
         tmp = tempfile.TemporaryDirectory(prefix="gravel-ckks-")
         manifest = compile_ckks_model(model, calib_images(data, calib), Path(tmp.name) / "model.gravel",
-                                      calib_labels(data, calib), options)
+                                      calib_labels(data, calib), options or CkksOptions())
         reference_model = model
     compile_s = time.perf_counter() - t0
     try:
@@ -139,8 +139,8 @@ def bench_ckks(model: Any, data: Dataset, samples: int = 10, batch: int | None =
 def format_ckks_bench(r: dict[str, Any]) -> str:
     """A few readable lines of `bench_ckks`'s result."""
     p = r["params"]
-    lines = [f"CKKS {r['model']} on {r['data']}: N={p['poly_modulus_degree']}, depth {r['depth']}, "
-             f"{r['rotation_keys']} rotation keys, {r['eval_key_bytes'] / 1e6:.1f} MB of evaluation keys"]
+    lines = [(f"CKKS {r['model']} on {r['data']}: N={p['poly_modulus_degree']}, depth {r['depth']}, "
+              f"{r['rotation_keys']} rotation keys, {r['eval_key_bytes'] / 1e6:.1f} MB of evaluation keys")]
     if "batch" in r:
         lines.append(f"  batch of {r['batch']}: {r['batch_latency_s']:.2f} s on the server "
                      f"({1000 * r['per_image_s']:.1f} ms per image); input {r['input_ct_bytes'] / 1e6:.1f} MB")
