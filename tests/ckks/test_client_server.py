@@ -66,3 +66,25 @@ def test_a_ciphertext_at_the_wrong_level_is_refused(digits, server, sq_keys):
     body = dump_ciphertexts(client.context, [low], {"mode": "single", "n": 1})
     with pytest.raises(KeyMismatchError, match="fresh inputs are at level"):
         srv.run(ctx, frame(Kind.INPUT_CIPHERTEXT, srv.digest, body))
+
+
+def test_a_batch_larger_than_one_group(tmp_path, digits, sq_model, sq_float_logits):
+    """128 samples per SIMD group: 150 images are two groups, 32 blocks per ciphertext, and
+    the block offsets compose from power-of-two rotation keys."""
+    from gravel.ckks.artifact import load_client
+    from gravel.ckks.compile import CkksOptions
+
+    m = compile_ckks_model(sq_model, digits.x_train[:200], tmp_path / "b.gravel",
+                           options=CkksOptions(batch_block=128))
+    assert m.data["packing"]["batch"]["block"] == 128
+    client = load_client(m.root)
+    client.keygen(("batch",))
+    srv = load_server(m.root)
+    ctx = srv.load_keys(client.evaluation_keys(), ("batch",))
+    logits = client.decrypt(srv.run(ctx, client.encrypt(digits.x_test[:150])))
+    import torch
+
+    with torch.no_grad():
+        ref = sq_model(torch.tensor(digits.x_test[:150])).numpy()
+    np.testing.assert_allclose(logits[:64], sq_float_logits, atol=TOL)
+    np.testing.assert_allclose(logits, ref, atol=TOL)

@@ -249,11 +249,23 @@ def single_plan(program: CkksProgram, slots: int,
 
 
 def batch_rotation_steps(slots: int, block: int) -> list[int]:
-    """SIMD across images: the block offsets a matrix rotates its partial sums by."""
+    """SIMD across images: the block offsets a matrix rotates its partial sums by. Up to 16
+    blocks per ciphertext, a key for each offset; beyond, keys for +-2^i blocks only (each
+    offset then composes from a few of them) so that the key set stays small."""
+    per = slots // block
+    if per <= 16:
+        wanted = [k * block for k in range(1, per)]
+    else:
+        wanted = []
+        k = 1
+        while k < per:
+            wanted += [k * block, -k * block]
+            k *= 2
     out = set()
-    for k in range(1, slots // block):
-        s = (k * block) % slots
-        out.add(s if s <= slots // 2 else s - slots)
+    for step in wanted:
+        s = step % slots
+        if s:
+            out.add(s if s <= slots // 2 else s - slots)
     return sorted(out)
 
 
