@@ -88,3 +88,21 @@ def test_a_batch_larger_than_one_group(tmp_path, digits, sq_model, sq_float_logi
         ref = sq_model(torch.tensor(digits.x_test[:150])).numpy()
     np.testing.assert_allclose(logits[:64], sq_float_logits, atol=TOL)
     np.testing.assert_allclose(logits, ref, atol=TOL)
+
+
+def test_hostile_bytes_are_refused_by_name(digits, server, sq_keys):
+    from gravel.errors import BlobFormatError
+
+    srv, ctx = server
+    client, keys = sq_keys
+    with pytest.raises(BlobFormatError):
+        srv.load_keys(b"\x00" * 200)
+    with pytest.raises(BlobFormatError, match="damaged or truncated"):
+        srv.load_keys(keys[:-100])
+    blob = client.encrypt(digits.x_test[0])
+    with pytest.raises(KeyMismatchError, match="expected input ciphertext, got evaluation keys"):
+        srv.run(ctx, keys)
+    with pytest.raises(KeyMismatchError):
+        srv.run(ctx, blob[:-10])
+    with pytest.raises(KeyMismatchError, match="expected output ciphertext"):
+        client.decrypt(blob)
