@@ -106,3 +106,26 @@ def test_hostile_bytes_are_refused_by_name(digits, server, sq_keys):
         srv.run(ctx, blob[:-10])
     with pytest.raises(KeyMismatchError, match="expected output ciphertext"):
         client.decrypt(blob)
+
+
+def test_first_matrix_on_shifted_replicas():
+    """A 256 -> 32 -> 10 program: the client rotates each replica of the image, so the first
+    matrix needs 2 * shift diagonals; the answer is still the plain product."""
+    from gravel.ckks.client import CkksClient
+    from gravel.ckks.compile import CkksOptions, plan_program
+    from gravel.ckks.program import CkksProgram, Stage
+    from gravel.ckks.server import CkksServer
+
+    rng = np.random.default_rng(0)
+    w1, w2 = rng.normal(0, 0.1, (32, 256)), rng.normal(0, 0.3, (10, 32))
+    prog = CkksProgram((256,), [Stage(w1, rng.normal(0, 0.1, 32), (0.0, 0.5, 1.0)),
+                                Stage(w2, rng.normal(0, 0.1, 10))])
+    plan_program(prog, CkksOptions(), max_abs_output=8.0)
+    assert prog.single_kind == "replicated" and prog.single_shift >= 2
+    digest = bytes(32)
+    client, srv = CkksClient(prog.client_json(), digest), CkksServer(prog, digest)
+    client.keygen(("single",))
+    ctx = srv.load_keys(client.evaluation_keys(), ("single",))
+    x = rng.uniform(0, 1, (1, 256))
+    got = client.decrypt(srv.run(ctx, client.encrypt(x)))
+    np.testing.assert_allclose(got, prog.simulate(x), atol=TOL)

@@ -40,6 +40,7 @@ class CkksClient:
             self.output_slots = np.asarray(spec["single"]["output_slots"], dtype=np.int64)
             self.single_kind = str(spec["single"]["layout"])
             self.single_period = int(spec["single"]["period"])
+            self.single_shift = int(spec["single"]["shift"])
             self.block = int(spec["batch"]["block"])
             self.batch_steps = [int(s) for s in spec["batch"]["rotation_steps"]]
         except (KeyError, TypeError, ValueError) as exc:
@@ -103,7 +104,9 @@ class CkksClient:
             if self.single_kind == "replicated":  # the image repeated with its period
                 one = np.zeros(self.single_period)
                 one[:self.n_in] = flat[0]
-                vecs = [np.tile(one, slots // self.single_period)]
+                # replica r rotated left by shift * r (the plan's first matrix expects it)
+                vecs = [np.concatenate([np.roll(one, -self.single_shift * r)
+                                        for r in range(slots // self.single_period)])]
             else:
                 chunks = -(-self.n_in // slots)
                 vecs = [flat[0, c * slots:(c + 1) * slots] for c in range(chunks)]

@@ -299,7 +299,7 @@ def plan_program(program: CkksProgram, options: CkksOptions, max_abs_output: flo
     program.params = params
     program.block = min(block, slots)
     program.single_steps = plan.rotation_steps(slots)
-    program.single_kind, program.single_period = plan.kind, plan.period
+    program.single_kind, program.single_period, program.single_shift = plan.kind, plan.period, plan.shift
     program.batch_steps = batch_rotation_steps(slots, program.block)
     program.output_slots = plan.output_slots
     return program

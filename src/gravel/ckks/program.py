@@ -14,8 +14,10 @@ repeated with period n_pad (its size rounded up to a power of two) across all sl
 stage of m outputs is applied by the hybrid diagonal method: m_pad (m rounded up) generalised
 diagonals, periodic with n_pad, evaluated by baby-step/giant-step (gravel.ckks.packing
 LinearMap), then a rotate-and-sum with stride m_pad over n_pad / m_pad partial sums leaves the
-output repeated with period m_pad: the next stage's input needs no re-layout. A 784-128 layer
-costs 128 plaintext products and about 20 rotations instead of ~900 products. Where a stage
+output repeated with period m_pad: the next stage's input needs no re-layout. For the first
+matrix the client rotates replica r by shift * r (shift = m_pad / replicas), which leaves 2 * shift
+diagonals: a 784-128 layer at N=8192 costs 64 plaintext products and about 19 rotations
+(matmul_map's contiguous layout: ~900 products). Where a stage
 widens (m > n) the "contiguous" plan applies instead: one copy of the image, matmul_map's
 diagonals (about n + m of them per stage). A batch
 is packed SIMD across images, `block` slots per feature and `slots // block` features per
@@ -70,6 +72,7 @@ class CkksProgram:
     output_slots: list[int] = field(default_factory=list)  # single image: where each output lies
     single_kind: str = "contiguous"  # one image: "replicated" or "contiguous" (see single_plan)
     single_period: int = 0
+    single_shift: int = 0  # replicated: replica r of the input is rotated by shift * r
 
     @property
     def n_in(self) -> int:
@@ -122,6 +125,7 @@ class CkksProgram:
             "depth": self.depth,
             "output": {"scale": self.out_scale, "offset": self.out_offset},
             "single": {"layout": self.single_kind, "period": self.single_period,
+                       "shift": self.single_shift,
                        "rotation_steps": list(self.single_steps), "output_slots": list(self.output_slots)},
             "batch": {"layout": "samples", "block": self.block,
                       "rotation_steps": list(self.batch_steps)},
@@ -147,7 +151,8 @@ class CkksProgram:
                        [int(s) for s in client["single"]["rotation_steps"]],
                        [int(s) for s in client["batch"]["rotation_steps"]],
                        [int(s) for s in client["single"]["output_slots"]],
-                       str(client["single"]["layout"]), int(client["single"]["period"]))
+                       str(client["single"]["layout"]), int(client["single"]["period"]),
+                       int(client["single"]["shift"]))
         except (KeyError, TypeError, ValueError) as exc:
             raise ArtifactError(f"CKKS program: malformed ({type(exc).__name__}: {exc}); recompile") from None
         if prog.depth != int(program.get("depth", -1)) or prog.depth > prog.params.depth:
@@ -179,6 +184,7 @@ class SinglePlan:
     sums: list[tuple[int, int] | None]  # per stage: rotate-and-sum (stride, count) after the map
     layouts: list[np.ndarray]  # per stage output (contiguous); replicated: slots 0..m-1
     output_slots: list[int]
+    shift: int = 0  # replicated: replica r of the input is the image rotated by shift * r
 
     def rotation_steps(self, slots: int) -> list[int]:
         steps: set[int] = set()
@@ -215,6 +221,26 @@ def _replicated_map(weight: np.ndarray, slots: int, available_steps: list[int] |
     return LinearMap.from_entries(out_s, in_s, w, slots, 1, available_steps)
 
 
+def _shifted_map(weight: np.ndarray, slots: int, shift: int,
+                 available_steps: list[int] | None) -> Any:
+    """The first matrix on an input whose R replicas are rotated by `shift` each (the client
+    lays them out so): x_j meets output i in the replica and position where their offset is
+    below `shift`, so 2 * shift diagonals (instead of m_pad) serve, and a rotate-and-sum over
+    every position (stride m_pad) leaves the output repeated with period m_pad."""
+    from gravel.ckks.packing import LinearMap
+
+    m, n = weight.shape
+    m_pad, n_pad = _pow2(m), _pow2(n)
+    replicas = slots // n_pad
+    i, j = np.meshgrid(np.arange(m), np.arange(n), indexing="ij")
+    d = (j - i) % n_pad
+    q, a = np.divmod(d, shift)
+    r, t = q % replicas, q // replicas
+    out_s = n_pad * r + i + m_pad * t
+    in_s = n_pad * r + (j - shift * r) % n_pad
+    return LinearMap.from_entries(out_s, in_s, weight, slots, 1, available_steps)
+
+
 def single_plan(program: CkksProgram, slots: int,
                 available_steps: list[int] | None = None) -> SinglePlan:
     """The packing of one image for a ring of `slots` slots (see the module doc)."""
@@ -224,17 +250,27 @@ def single_plan(program: CkksProgram, slots: int,
         sums: list[tuple[int, int] | None] = []
         layouts = []
         width = program.n_in
-        for st in program.stages:
+        first = program.stages[0].weight
+        replicas = slots // _pow2(program.n_in)
+        # replicas rotated by the client: fewer diagonals for the first (largest) matrix
+        shift = _pow2(first.shape[0]) // replicas if first is not None and replicas > 1 else 0
+        shift = shift if shift >= 2 else 0
+        for k, st in enumerate(program.stages):
             if st.weight is None:
                 maps.append(None)
                 sums.append(None)
             else:
-                maps.append(_replicated_map(st.weight, slots, available_steps))
                 m_pad, n_pad = _pow2(st.weight.shape[0]), _pow2(st.weight.shape[1])
-                sums.append((m_pad, n_pad // m_pad) if n_pad > m_pad else None)
+                if k == 0 and shift:
+                    maps.append(_shifted_map(st.weight, slots, shift, available_steps))
+                    sums.append((m_pad, slots // m_pad))
+                else:
+                    maps.append(_replicated_map(st.weight, slots, available_steps))
+                    sums.append((m_pad, n_pad // m_pad) if n_pad > m_pad else None)
                 width = int(st.weight.shape[0])
             layouts.append(np.arange(width, dtype=np.int64))
-        return SinglePlan("replicated", _pow2(program.n_in), maps, sums, layouts, list(range(width)))
+        return SinglePlan("replicated", _pow2(program.n_in), maps, sums, layouts, list(range(width)),
+                          shift)
     layout = contiguous_layout((program.n_in,), slots)
     maps, layouts = [], []
     for st in program.stages:

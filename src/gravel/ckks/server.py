@@ -40,7 +40,8 @@ class CkksServer:
         self.digest = digest
         self.slots = program.params.slots
         self._plan = single_plan(program, self.slots)
-        if self._plan.kind != program.single_kind or self._plan.output_slots != program.output_slots:
+        if (self._plan.kind, self._plan.shift, self._plan.output_slots) != (
+                program.single_kind, program.single_shift, program.output_slots):
             raise InputError("the CKKS program's packing does not match its planned layout; recompile")
         self._single_bias = [self._bias_vectors(st, lay) for st, lay in
                              zip(program.stages, self._plan.layouts)]
