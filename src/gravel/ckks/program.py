@@ -234,7 +234,7 @@ def _shifted_map(weight: np.ndarray, slots: int, shift: int,
     replicas = slots // n_pad
     i, j = np.meshgrid(np.arange(m), np.arange(n), indexing="ij")
     d = (j - i) % n_pad
-    q, a = np.divmod(d, shift)
+    q = d // shift  # the offset left, d % shift, is the diagonal
     r, t = q % replicas, q // replicas
     out_s = n_pad * r + i + m_pad * t
     in_s = n_pad * r + (j - shift * r) % n_pad
