@@ -11,7 +11,7 @@ from gravel.protocol.manifest import load_manifest
 
 
 def test_manifest_describes_backend_packing_and_files(sq_artifact):
-    m = load_manifest(sq_artifact.root, role="all")
+    m = load_manifest(sq_artifact.root, role="all", backends=("ckks",))
     assert m.backend == "ckks" and m.data["backend"]["depth"] == 3
     assert set(m.data["files"]) == {"client.ckks.json", "weights.npz"}
     single = m.data["packing"]["single"]
@@ -37,7 +37,7 @@ def test_altered_weights_are_refused(tmp_path, sq_artifact):
     np.savez(copy / "weights.npz", **arrays)
     with pytest.raises(ArtifactError, match="does not match its hash"):
         load_program(copy)
-    load_manifest(copy, role="client")  # the client's files are intact
+    load_manifest(copy, role="client", backends=("ckks",))  # the client's files are intact
 
 
 def test_existing_artifact_is_kept_without_overwrite(digits, sq_model, sq_artifact):
@@ -47,3 +47,8 @@ def test_existing_artifact_is_kept_without_overwrite(digits, sq_model, sq_artifa
     with pytest.raises(ArtifactError, match="already exists"):
         compile_ckks_model(sq_model, digits.x_train[:50], sq_artifact.root)
     assert (sq_artifact.root / "manifest.json").read_text() == before
+
+
+def test_tfhe_readers_refuse_a_ckks_artifact_by_name(sq_artifact):
+    with pytest.raises(ArtifactError, match="a ckks artifact; this part of Gravel reads concrete"):
+        load_manifest(sq_artifact.root, role="server")

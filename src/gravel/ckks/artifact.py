@@ -96,7 +96,7 @@ def write_ckks_artifact(out: str | Path, compiled: CkksCompiled, model_info: dic
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return load_manifest(out, role="all")
+    return load_manifest(out, role="all", backends=("ckks",))
 
 
 def _program_sha256(prog_json: dict[str, Any], arrays: dict[str, np.ndarray]) -> str:
@@ -108,7 +108,7 @@ def _program_sha256(prog_json: dict[str, Any], arrays: dict[str, np.ndarray]) ->
 
 
 def _ckks_manifest(artifact: str | Path | Manifest, role: str) -> Manifest:
-    manifest = artifact if isinstance(artifact, Manifest) else load_manifest(artifact, role=role)
+    manifest = artifact if isinstance(artifact, Manifest) else load_manifest(artifact, role=role, backends=("ckks",))
     if manifest.backend != "ckks":
         raise ArtifactError(f"{manifest.root}: a {manifest.backend} artifact, not a CKKS one; "
                             "compile with --backend ckks")

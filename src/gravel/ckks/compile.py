@@ -177,11 +177,17 @@ def lower_graph(graph: Graph, calib: np.ndarray, labels: np.ndarray | None = Non
             return float((ref_pred == labels).mean() - (out == labels).mean()) - options.max_loss
         return float((out != ref_pred).mean()) - options.max_loss
 
+    prev = g.input.name  # the tensor the next block must read: a chain, nothing skips ahead
     for lin, act in chain:
         w = b = None
         source = ""
         if lin is not None:
             nodes, root = _region(g, lin.name)
+            if root != prev:
+                raise ModelError(
+                    f"node {lin.source or lin.name!r} reads {root!r}, not the activation just before "
+                    f"it ({prev!r}): skip connections are not in the CKKS backend yet"
+                )
             w, b = _dense(g, nodes, root, lin.name)
             source = ", ".join(dict.fromkeys(n.source or n.name for n in nodes))
         p = None
@@ -190,6 +196,7 @@ def lower_graph(graph: Graph, calib: np.ndarray, labels: np.ndarray | None = Non
                              lambda cand, a=act: loss_of({**state["polys"], a.name: cand}))
             state["polys"][act.name] = p
             polys.append(p)
+            prev = act.name
         raw.append((w, b, p, source))
     program = _fold(tuple(g.input_shape), raw)
     sim = program.simulate(calib).reshape(len(calib), -1)

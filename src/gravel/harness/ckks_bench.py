@@ -57,7 +57,7 @@ def bench_ckks(model: Any, data: Dataset, samples: int = 10, batch: int | None =
     t0 = time.perf_counter()
     path = Path(model) if isinstance(model, (str, Path)) else None
     if path is not None and (path / "manifest.json").is_file():
-        manifest = load_manifest(path, role="all")
+        manifest = load_manifest(path, role="all", backends=("ckks",))
         reference_model = None
     else:
         tmp = tempfile.TemporaryDirectory(prefix="gravel-ckks-")

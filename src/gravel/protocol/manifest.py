@@ -115,8 +115,10 @@ def stage_arguments(row: dict[str, Any], outputs: dict[str, list[Any]]) -> list[
         raise ArtifactError(f"stage {row.get('name')!r} reads {exc.args[0]!r}, which has not run before it") from None
 
 
-def load_manifest(root: str | Path, role: str = "client") -> Manifest:
-    """Read and verify an artifact for `role` ("client", "server" or "all")."""
+def load_manifest(root: str | Path, role: str = "client", backends: tuple[str, ...] = ("concrete",)) -> Manifest:
+    """Read and verify an artifact for `role` ("client", "server" or "all"), refusing a
+    backend not in `backends` (the TFHE runner, service and SDK read concrete artifacts; the
+    CKKS ones are read by gravel.ckks.artifact)."""
     root = Path(root)
     mpath = root / MANIFEST
     if not mpath.is_file():
@@ -134,6 +136,12 @@ def load_manifest(root: str | Path, role: str = "client") -> Manifest:
     backend = data.get("backend", {}).get("name", "concrete") if isinstance(data.get("backend"), dict) else None
     if backend not in BACKEND_FILES:
         raise ArtifactError(f"{root}: unknown backend {backend!r}; this Gravel reads {', '.join(BACKEND_FILES)}")
+    if backend not in backends:
+        raise ArtifactError(
+            f"{root}: a {backend} artifact; this part of Gravel reads {', '.join(backends)} artifacts"
+            + (" (CKKS models run through gravel.ckks.artifact and `gravel bench --backend ckks`; the service "
+               "and SDK do not take them yet)" if backend == "ckks" else "")
+        )
     if backend == "concrete":
         built = data.get("backend", {}).get("concrete_python")
         if built != concrete_version():
