@@ -4,11 +4,11 @@ An `act` node of the canonical graph is a univariate function. Where it *is* a p
 (`square`, `pow` with a whole exponent, and fused composites of those with affine steps, such as
 `x*x` or `0.5*x*x + x`), its exact coefficients are recovered: nothing is approximated. Any other
 function (relu, gelu, silu, tanh, ...) is replaced by the least-squares polynomial of a low degree
-on the range its input took on the calibration data: CKKS pays one level per doubling of the
+on the values its input took on the calibration data: CKKS pays one level per doubling of the
 degree, so degrees 2 to 4 are what a model without bootstrapping can afford. The fit weighs the
-calibration values themselves (where the inputs are) and a uniform grid over the range (so the
-polynomial stays sane at the edges of it); what that costs in accuracy is measured by the caller
-on the whole model.
+calibration values themselves, where accuracy is decided (a uniform grid over the range fitted
+the tails better and the model worse); what it costs in accuracy is measured by the caller on
+the whole model.
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ from gravel.errors import ModelError
 __all__ = ["MAX_DEGREE", "ActPoly", "exact_degree", "polynomial_for"]
 
 MAX_DEGREE = 8  # beyond this the depth (3+ levels per activation) leaves no room for a model
-_GRID = 257
 _MAX_SAMPLES = 200_000
 
 
@@ -150,13 +149,11 @@ def polynomial_for(node: Node, shape: tuple[int, ...], inputs: np.ndarray,
             close = np.abs(coeffs - snapped) < 1e-9
             coeffs[close] = snapped[close]
             return ActPoly(name, fn, tuple(float(c) for c in _trim(coeffs)), True, lo, hi, 0.0)
-    # least squares on the calibration values and, with equal total weight, a uniform grid
-    grid = np.linspace(-1.0, 1.0, _GRID)
+    # least squares on the calibration values themselves: accuracy is decided where the inputs
+    # are (on MNIST's 784-128-64-10 ReLU model, degree 4: 91.8 % against 92.3 % float; with half
+    # the weight on a uniform grid over the range instead: 89.8 %)
     t_cal = (values - mid) / half
-    x = np.concatenate([t_cal, grid])
-    w = np.concatenate([np.full(t_cal.size, 1.0 / t_cal.size), np.full(grid.size, 1.0 / grid.size)])
-    y = f(mid + half * x)
-    coef_t = P.polyfit(x, y, degree, w=np.sqrt(w))
+    coef_t = P.polyfit(t_cal, f(mid + half * t_cal), degree)
     coeffs = _to_x(coef_t, mid, half)
     if not np.all(np.isfinite(coeffs)):
         raise ModelError(f"{node.where}: no usable polynomial for {fn} on [{lo:.3g}, {hi:.3g}]")
