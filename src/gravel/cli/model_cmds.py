@@ -9,8 +9,10 @@ import time
 from typing import Any
 
 from gravel.cli.options import (
+    add_backend_options,
     add_data_options,
     add_quant_options,
+    ckks_options,
     int_list,
     load_data,
     quant_config,
@@ -39,6 +41,8 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_compile(args: argparse.Namespace) -> None:
+    if args.backend == "ckks":
+        return _compile_ckks(args)
     from gravel.compiler import compile_model
     from gravel.harness.common import calib_images, calib_labels
 
@@ -52,6 +56,30 @@ def cmd_compile(args: argparse.Namespace) -> None:
     print(f"compiled {manifest.name} in {time.perf_counter() - t:.1f} s -> {args.out}")
     print(f"  {len(manifest.stages)} stages, {stats['table_lookups']} table lookups, shards per stage "
           f"{[r['shards'] for r in manifest.plan]}")
+    for note in manifest.data["model"].get("notes", []):
+        print(f"  note: {note}")
+
+
+def _compile_ckks(args: argparse.Namespace) -> None:
+    from gravel.ckks.artifact import compile_ckks_model
+    from gravel.harness.common import calib_images, calib_labels
+
+    data = load_data(args)
+    t = time.perf_counter()
+    manifest = compile_ckks_model(args.model, calib_images(data, args.calib), args.out,
+                                  calib_labels(data, args.calib), ckks_options(args), name=args.name,
+                                  overwrite=args.force)
+    backend, report = manifest.data["backend"], manifest.data["model"]["report"]
+    params = backend["params"]
+    print(f"compiled {manifest.name} for CKKS in {time.perf_counter() - t:.1f} s -> {args.out}")
+    print(f"  depth {backend['depth']}, N={params['poly_modulus_degree']}, moduli {params['coeff_mod_bit_sizes']}, "
+          f"{len(manifest.data['packing']['single']['rotation_steps'])} rotation keys for one image, "
+          f"{len(manifest.data['packing']['batch']['rotation_steps'])} for a batch")
+    for line in report["activations"]:
+        print(f"  {line}")
+    if "accuracy_float" in report:
+        print(f"  calibration accuracy: float {100 * report['accuracy_float']:.1f} %, with the polynomials "
+              f"{100 * report['accuracy_polynomial']:.1f} %")
     for note in manifest.data["model"].get("notes", []):
         print(f"  note: {note}")
 
@@ -80,6 +108,10 @@ def cmd_check(args: argparse.Namespace) -> None:
 def cmd_bench(args: argparse.Namespace) -> None:
     from gravel.harness import bench, format_bench
 
+    if args.backend == "ckks":
+        return _bench_ckks(args)
+    if args.batch is not None:
+        raise GravelError("--batch is for --backend ckks (TFHE inference is one image at a time)")
     if args.workers:
         return _bench_workers(args)
     r = bench(args.model, load_data(args), samples=args.samples, config=quant_config(args), calib=args.calib,
@@ -88,6 +120,16 @@ def cmd_bench(args: argparse.Namespace) -> None:
         print(json.dumps(r))
         return
     print(format_bench(r))
+
+
+def _bench_ckks(args: argparse.Namespace) -> None:
+    from gravel.harness.ckks_bench import bench_ckks, format_ckks_bench
+
+    if args.workers:
+        raise GravelError("--workers is not available for --backend ckks yet")
+    r = bench_ckks(args.model, load_data(args), samples=args.samples, batch=args.batch, calib=args.calib,
+                   options=ckks_options(args), progress=not args.quiet and not args.json)
+    print(json.dumps(r) if args.json else format_ckks_bench(r))
 
 
 def _bench_workers(args: argparse.Namespace) -> None:
@@ -140,6 +182,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--name", help="model name (default: file name)")
     p.add_argument("--force", action="store_true", help="replace an existing artifact")
     add_quant_options(p)
+    add_backend_options(p)
     p.set_defaults(func=cmd_compile)
 
     p = subparsers.add_parser("check", help="pre-flight: unsupported nodes, lookups, keys, latency, accuracy per layer")
@@ -161,5 +204,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--ray-address", help="join this Ray cluster (default: RAY_ADDRESS, else an embedded Ray)")
     p.add_argument("--plot", help="with --workers: write latency/speed-up/timeline plot to this PNG")
     p.add_argument("--trace", action="store_true", help="with --workers --json: include one inference's trace")
+    p.add_argument("--batch", type=int, help="ckks: one batched inference of this many test images")
     add_quant_options(p)
+    add_backend_options(p)
     p.set_defaults(func=cmd_bench)

@@ -5,7 +5,10 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-__all__ = ["add_data_options", "add_quant_options", "int_list", "load_data", "quant_config"]
+__all__ = [
+    "add_backend_options", "add_data_options", "add_quant_options", "ckks_options", "int_list", "load_data",
+    "quant_config",
+]
 
 
 def int_list(text: str) -> list[int]:
@@ -52,3 +55,29 @@ def load_data(args: argparse.Namespace) -> Any:
     from gravel.data import load_dataset
 
     return load_dataset(args.data, root=getattr(args, "data_dir", None), download=getattr(args, "download", False))
+
+
+def add_backend_options(p: argparse.ArgumentParser) -> None:
+    """--backend and the CKKS compiler's settings (the TFHE ones are the quantization options)."""
+    from gravel.ckks.compile import CkksOptions
+
+    d = CkksOptions()
+    g = p.add_argument_group("backend")
+    g.add_argument("--backend", choices=["concrete", "ckks"], default="concrete",
+                   help="concrete: TFHE (exact, any activation); ckks: polynomial activations, "
+                        "fast single images and batches (default concrete)")
+    g.add_argument("--poly-degree", type=int,
+                   help="ckks: degree of the polynomial replacing each non-polynomial activation "
+                        "(default: the lowest of 2-4 that costs at most 1 point on the calibration set)")
+    g.add_argument("--precision-bits", type=int, default=d.precision_bits,
+                   help=f"ckks: bits after the binary point wanted at the output (default {d.precision_bits})")
+    g.add_argument("--batch-block", type=int, default=d.batch_block,
+                   help=f"ckks: samples per SIMD group in batched inference (default {d.batch_block})")
+
+
+def ckks_options(args: argparse.Namespace) -> Any:
+    """The CkksOptions that `add_backend_options` describes."""
+    from gravel.ckks.compile import CkksOptions
+
+    return CkksOptions(degree=args.poly_degree, precision_bits=args.precision_bits,
+                       batch_block=args.batch_block)

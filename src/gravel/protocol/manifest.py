@@ -16,8 +16,8 @@ from typing import Any
 from gravel.errors import ArtifactError
 
 __all__ = [
-    "CLIENT_FILES", "FORMAT_VERSION", "INPUT", "SERVER_FILES", "Manifest", "file_sha256", "load_manifest",
-    "shard_columns",
+    "BACKEND_FILES", "CLIENT_FILES", "FORMAT_VERSION", "INPUT", "SERVER_FILES", "Manifest", "file_sha256",
+    "load_manifest", "shard_columns",
     "stage_arguments",
 ]
 
@@ -29,6 +29,11 @@ INPUT = "input"
 MANIFEST = "manifest.json"
 CLIENT_FILES = ("client.specs.json",)
 SERVER_FILES = ("server.zip", "weights.npz")
+# each backend's (client files, server files); the first client file's hash is the program digest
+BACKEND_FILES = {
+    "concrete": (CLIENT_FILES, SERVER_FILES),
+    "ckks": (("client.ckks.json",), ("weights.npz",)),
+}
 
 
 def file_sha256(path: Path) -> str:
@@ -55,9 +60,22 @@ class Manifest:
         return self.data["model"]["name"]
 
     @property
+    def backend(self) -> str:
+        """"concrete" (TFHE) or "ckks"."""
+        return self.data.get("backend", {}).get("name", "concrete")
+
+    @property
+    def client_files(self) -> tuple[str, ...]:
+        return BACKEND_FILES[self.backend][0]
+
+    @property
+    def server_files(self) -> tuple[str, ...]:
+        return BACKEND_FILES[self.backend][1]
+
+    @property
     def digest(self) -> bytes:
         """SHA-256 of the client spec: the identity of this compiled program."""
-        return bytes.fromhex(self.data["files"]["client.specs.json"])
+        return bytes.fromhex(self.data["files"][self.client_files[0]])
 
     @property
     def input(self) -> dict[str, Any]:
@@ -112,8 +130,10 @@ def stage_arguments(row: dict[str, Any], outputs: dict[str, list[Any]]) -> list[
         raise ArtifactError(f"stage {row.get('name')!r} reads {exc.args[0]!r}, which has not run before it") from None
 
 
-def load_manifest(root: str | Path, role: str = "client") -> Manifest:
-    """Read and verify an artifact for `role` ("client", "server" or "all")."""
+def load_manifest(root: str | Path, role: str = "client", backends: tuple[str, ...] = ("concrete",)) -> Manifest:
+    """Read and verify an artifact for `role` ("client", "server" or "all"), refusing a
+    backend not in `backends` (the TFHE runner, service and SDK read concrete artifacts; the
+    CKKS ones are read by gravel.ckks.artifact)."""
     root = Path(root)
     mpath = root / MANIFEST
     if not mpath.is_file():
@@ -128,13 +148,24 @@ def load_manifest(root: str | Path, role: str = "client") -> Manifest:
         raise ArtifactError(
             f"{root}: artifact format {data.get('format_version')}, this Gravel reads {FORMAT_VERSION}; recompile it"
         )
-    built = data.get("backend", {}).get("concrete_python")
-    if built != concrete_version():
+    backend = data.get("backend", {}).get("name", "concrete") if isinstance(data.get("backend"), dict) else None
+    if backend not in BACKEND_FILES:
+        raise ArtifactError(f"{root}: unknown backend {backend!r}; this Gravel reads {', '.join(BACKEND_FILES)}")
+    if backend not in backends:
         raise ArtifactError(
-            f"{root}: compiled with concrete-python {built}, installed is {concrete_version()}; "
-            "recompile the model or install the matching version"
+            f"{root}: a {backend} artifact; this part of Gravel reads {', '.join(backends)} artifacts"
+            + (" (CKKS models run through gravel.ckks.artifact and `gravel bench --backend ckks`; the service "
+               "and SDK do not take them yet)" if backend == "ckks" else "")
         )
-    wanted = {"client": CLIENT_FILES, "server": SERVER_FILES + CLIENT_FILES, "all": SERVER_FILES + CLIENT_FILES}
+    if backend == "concrete":
+        built = data.get("backend", {}).get("concrete_python")
+        if built != concrete_version():
+            raise ArtifactError(
+                f"{root}: compiled with concrete-python {built}, installed is {concrete_version()}; "
+                "recompile the model or install the matching version"
+            )
+    client_files, server_files = BACKEND_FILES[backend]
+    wanted = {"client": client_files, "server": server_files + client_files, "all": server_files + client_files}
     if role not in wanted:
         raise ValueError(f"unknown role {role!r}")
     files = data.get("files", {})
