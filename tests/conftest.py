@@ -75,18 +75,25 @@ def rng():
     return np.random.default_rng(0)
 
 
-# Test files that start a Ray instance run in one pytest-xdist process, one after another: two
-# embedded Rays on one small machine at once starve each other (lost objects, timeouts). Every
-# other file is a group of its own, so its module fixtures are built once (--dist loadgroup).
+# Test files that start a Ray instance run apart from the others, one after another, in a plain
+# pytest process (scripts/test.sh): two embedded Rays on one small machine at once starve each
+# other (lost objects, timeouts), and a pytest-xdist worker that drove Ray and concrete died
+# mid-run. Every other file is an xdist group of its own, so its module fixtures are built once.
 RAY_FILES = {
     "tests/cluster/test_executor.py", "tests/cli/test_cli.py", "tests/harness/test_scaling.py",
     "tests/harness/test_demo.py", "tests/service/test_sdk_cli.py",
 }
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "ray: the test starts Ray (scripts/test.sh runs these in one plain process)")
+
+
 def pytest_collection_modifyitems(config, items):
     for item in items:
         path = item.nodeid.split("::")[0]
+        if path in RAY_FILES:
+            item.add_marker(pytest.mark.ray)
         item.add_marker(pytest.mark.xdist_group("ray" if path in RAY_FILES else path))
 
 
