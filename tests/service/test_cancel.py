@@ -61,10 +61,11 @@ def test_a_cancelled_batch_stops_and_does_not_hold_up_other_sessions(server, pai
     job = r.json()["job"]
     while _status(server, job, ha).json()["status"] != "running":
         time.sleep(0.02)
-    # B's request goes right after A's running item (one slot), not after A's whole batch.
+    # B's request goes right after A's running item (one slot), not after A's whole batch (2: the
+    # item running when B's request was read may have ended just before B's job was queued).
     _infer(server, b, one)
     done = _status(server, job, ha).json()["done"]
-    assert done <= 1, done
+    assert done <= 2, done
     assert httpx.delete(f"{server.url}/v1/jobs/{job}", headers=ha).status_code == 204
     # Cancelled: gone, and A's quota is free at once...
     assert _status(server, job, ha).status_code == 404

@@ -57,9 +57,15 @@ def _inside(srv, *parts: str) -> str:
     return os.path.join(f"/proc/{srv.proc.pid}/root", str(srv.data_dir).lstrip("/"), *parts)
 
 
-def _fill(srv) -> str:
-    """Fill the server's disk; returns the filler's path."""
-    path = _inside(srv, "filler")
+def _fill(srv, name: str = "filler", leave: int = 0) -> str:
+    """Fill the server's disk but `leave` bytes; returns the filler's path."""
+    path = _inside(srv, name)
+    if leave:
+        st = os.statvfs(_inside(srv))
+        with open(path, "wb") as f:
+            f.truncate(0)
+            f.write(b"\0" * max(0, st.f_bavail * st.f_frsize - leave))
+        return path
     fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
     try:
         for size in (1 << 20, 1 << 12):
@@ -85,7 +91,8 @@ def test_a_full_disk_answers_507_fails_the_job_and_damages_nothing(small_server,
     first = httpx.post(f"{url}/jobs", content=cts[0], headers=headers).json()["job"]
     while httpx.get(f"{srv.url}/v1/jobs/{first}", headers=headers).json()["status"] != "done":
         time.sleep(0.05)
-    # Acknowledged, then the disk fills while it runs: its result cannot be stored.
+    # Acknowledged on an almost full disk, which then fills while it runs: its result cannot be stored.
+    almost = _fill(srv, "almost", leave=1 << 20)
     r = httpx.post(f"{url}/jobs", content=pack_batch(cts), headers=headers)
     assert r.status_code == 202
     running = r.json()["job"]
@@ -112,6 +119,7 @@ def test_a_full_disk_answers_507_fails_the_job_and_damages_nothing(small_server,
         assert httpx.get(srv.url + "/v1/health").status_code == 200
     finally:
         os.unlink(filler)
+        os.unlink(almost)
     # Space again: nothing stored was damaged, and everything works.
     ready = httpx.get(srv.url + "/v1/ready").json()
     assert ready["ready"] and ready["models"] == 1

@@ -11,6 +11,7 @@ with Retry-After beyond `max_key_loads`) and each is held to its model's exact k
 from __future__ import annotations
 
 import asyncio
+import logging
 import mmap
 import secrets
 from typing import Any
@@ -33,6 +34,8 @@ from gravel.service.jobs import Job, QueueFull, StoredItems
 from gravel.service.store import BlobWriter
 
 __all__ = ["jobs_router", "keys_router", "session_router"]
+
+log = logging.getLogger("gravel.service")
 
 keys_router = APIRouter(prefix="/v1", tags=["sessions"], responses=ERRORS)
 session_router = APIRouter(prefix="/v1/sessions/{sid}", tags=["sessions"], responses=ERRORS,
@@ -239,10 +242,8 @@ def job_result(jid: str, request: Request, row: JobRow) -> Response:
     data = svc.store.read_blob(row["result_sha"])
     try:  # for the expiry grace only: a read must work on a full disk
         svc.store.mark_fetched(jid)
-    except Exception as exc:  # noqa: BLE001
-        import logging
-
-        logging.getLogger("gravel.service").warning("job %s: fetch time not recorded: %s", jid, exc)
+    except Exception as exc:  # noqa: BLE001 - the result is served all the same
+        log.warning("job %s: fetch time not recorded: %s", jid, exc)
     return Response(data, media_type=OCTETS)
 
 
