@@ -39,11 +39,11 @@ def digits_checkpoint(tmp_path_factory, digits, digits_model):
 
 @pytest.fixture(scope="session")
 def digits_artifact(tmp_path_factory, digits, digits_checkpoint):
-    from gravel.compiler import compile_model
+    from gravel.compiler import QuantConfig, compile_model
     from gravel.harness.common import calib_images
 
     out = tmp_path_factory.mktemp("art") / "digits.gravel"
-    compile_model(digits_checkpoint, calib_images(digits, 200), out, max_shards=4)
+    compile_model(digits_checkpoint, calib_images(digits, 200), out, QuantConfig(search=False), max_shards=4)
     return out
 
 
@@ -57,7 +57,7 @@ def service_artifact(tmp_path_factory, digits, digits_checkpoint):
     # Exact rounding and a low error probability: the service tests compare every encrypted
     # prediction with the clear model's, and approximate rounding flips ~1 prediction in 80.
     out = tmp_path_factory.mktemp("svc-art") / "digits.gravel"
-    compile_model(digits_checkpoint, calib_images(digits, 200), out, QuantConfig(rounding="exact"),
+    compile_model(digits_checkpoint, calib_images(digits, 200), out, QuantConfig(rounding="exact", search=False),
                   p_error=1e-4, max_shards=1)
     return out
 

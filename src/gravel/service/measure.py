@@ -38,7 +38,7 @@ def measure_sizes(manifest: Manifest) -> BlobSizes:
     keys.generate()
     keys_bytes = HEADER_SIZE + len(keys.evaluation.serialize())
     # The client encrypts the quantized image as the first stage's only encrypted argument.
-    first = manifest.stages[0]["name"]
+    first = manifest.input_function
     arguments = len(specs.program_info.get_circuit(first).get_inputs())
     client = fhe.Client(specs)
     client.keys = keys
