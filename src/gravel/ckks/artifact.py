@@ -29,7 +29,7 @@ from gravel.ckks.compile import CkksCompiled
 from gravel.ckks.program import CkksProgram
 from gravel.ckks.server import CkksServer
 from gravel.errors import ArtifactError
-from gravel.protocol.manifest import FORMAT_VERSION, Manifest, file_sha256, load_manifest
+from gravel.protocol.manifest import FORMAT_VERSION, Manifest, file_sha256, load_manifest, publish_directory
 
 __all__ = ["CLIENT_FILE", "compile_ckks_model", "load_client", "load_program", "load_server", "write_ckks_artifact"]
 
@@ -85,14 +85,7 @@ def write_ckks_artifact(out: str | Path, compiled: CkksCompiled, model_info: dic
             "files": files,
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
-        if out.exists():
-            old = out.with_name(out.name + ".old")
-            shutil.rmtree(old, ignore_errors=True)
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out)
+        publish_directory(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

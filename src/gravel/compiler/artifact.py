@@ -21,7 +21,9 @@ from gravel.compiler.plan import INPUT, ShardPlan, Stage
 from gravel.compiler.program import FUSED, fused_compatible
 from gravel.compiler.qgraph import QGraph, QNode
 from gravel.errors import ArtifactError
-from gravel.protocol.manifest import FORMAT_VERSION, Manifest, concrete_version, file_sha256, load_manifest
+from gravel.protocol.manifest import (
+    FORMAT_VERSION, Manifest, concrete_version, file_sha256, load_manifest, publish_directory,
+)
 
 __all__ = ["load_graph", "load_program", "write_artifact"]
 
@@ -128,14 +130,7 @@ def write_artifact(
         if fused_compatible(module, plan):
             manifest["fused"] = {"function": FUSED}
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
-        if out.exists():
-            old = out.with_name(out.name + ".old")
-            shutil.rmtree(old, ignore_errors=True)
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out)
+        publish_directory(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

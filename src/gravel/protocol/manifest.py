@@ -17,7 +17,7 @@ from gravel.errors import ArtifactError
 
 __all__ = [
     "BACKEND_FILES", "CLIENT_FILES", "FORMAT_VERSION", "INPUT", "SERVER_FILES", "Manifest", "file_sha256",
-    "load_manifest", "shard_columns",
+    "load_manifest", "publish_directory", "shard_columns",
     "stage_arguments",
 ]
 
@@ -105,6 +105,21 @@ class Manifest:
 
     def path(self, name: str) -> Path:
         return self.root / name
+
+
+def publish_directory(tmp: Path, out: Path) -> None:
+    """Move a complete artifact directory `tmp` to `out`, replacing an existing one only now
+    that the new one is whole (used by both backends' writers)."""
+    import shutil
+
+    if out.exists():
+        old = out.with_name(out.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(out)
 
 
 def shard_columns(weight: Any, bias: Any, shards: int, index: int) -> tuple[Any, Any]:
