@@ -29,7 +29,7 @@ def keyed(tmp_path_factory, digits_artifact, digits):
 def test_keygen_encrypt_run_decrypt(tmp_path, digits_artifact, keyed):
     out = gravel("run", digits_artifact, "--eval-keys", keyed / "e.evk", "--input", keyed / "x.ct",
                  "--out", tmp_path / "y.ct")
-    assert "stage0" in out.stdout
+    assert "fused: the whole network in one backend call" in out.stdout  # one process: the fastest plan
     res = json.loads(gravel("decrypt", digits_artifact, "--secret", keyed / "s.key",
                             "--input", tmp_path / "y.ct").stdout)
     assert 0 <= res["prediction"] < 10 and len(res["scores"]) == 10
@@ -51,7 +51,7 @@ def test_run_on_embedded_ray(tmp_path, digits_artifact, keyed):
     r = gravel("run", digits_artifact, "--eval-keys", keyed / "e.evk", "--input", keyed / "x.ct",
                "--out", tmp_path / "y.ct", "--workers", "2", "--trace", tmp_path / "t.json", check=False, env=env)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert "ran on 2 Ray workers" in r.stdout
+    assert "ran sharded on 2 Ray workers" in r.stdout
     assert len(json.loads((tmp_path / "t.json").read_text())["shards"]) == 5
     res = json.loads(gravel("decrypt", digits_artifact, "--secret", keyed / "s.key",
                             "--input", tmp_path / "y.ct").stdout)

@@ -36,7 +36,7 @@ def test_shared_options_keep_their_names_and_defaults():
     args = subs["compile"].parse_args(["m.pt", "--data", "digits", "--out", "m.gravel"])
     # no bit width given: the compiler's post-training search, starting from QuantConfig's defaults
     assert (args.in_bits, args.w_bits, args.a_bits, args.tlu_bits, args.rounding, args.p_error, args.shards,
-            args.calib) == (None, None, None, None, "auto", 0.01, 16, 500)
+            args.calib) == (None, None, None, None, "auto", 0.01, None, 500)  # shards: 1, or bench's workers
     from gravel.cli.options import quant_config
     from gravel.compiler import QuantConfig
 

@@ -76,6 +76,13 @@ def main() -> None:
             })
         result["runs"] = outs
         result["worker_stats"] = executor.worker_stats()
+        result["mode"] = executor.mode
+        # a queue of four requests on two workers: whole inferences side by side
+        many, many_trace, result["many_mode"] = executor.infer_many(session, cts * 2)
+        refs = [client.decrypt(keys, server.run_bytes(ek, ct)[0]) for ct in cts * 2]
+        result["many_equal"] = all(np.array_equal(client.decrypt(keys, o), r) for o, r in zip(many, refs))
+        result["many_workers"] = sorted({r.worker for r in many_trace.shards})
+        result["many_stages"] = sorted({r.stage for r in many_trace.shards})
         try:
             executor.open_session(b"GRVL" + bytes([1, 1]) + b"\x07" * 32 + b"x")
         except GravelError as exc:
@@ -110,6 +117,16 @@ def main() -> None:
         except ClusterError as exc:
             result.update(error=str(exc), seconds=time.time() - t)
     executor.shutdown()
+    if scenario == "basic":  # one worker: the whole network in one backend call, on both cores
+        time.sleep(1.0)
+        one = RayExecutor(artifact, workers=1)
+        session = one.open_session(ek)
+        out, trace = one.infer(session, cts[0])
+        result["one_worker"] = {
+            "mode": one.mode, "threads": one.threads_per_worker, "calls": len(trace.shards),
+            "decrypted_equal": bool(np.array_equal(client.decrypt(keys, out), refs[0])),
+        }
+        one.shutdown()
     ray.shutdown()
     print(json.dumps(result))
 

@@ -34,6 +34,11 @@ def test_distributed_equals_single_process(digits_artifact):
     assert [w["key_loads"] for w in r["worker_stats"]] == [1, 1]
     assert all(w["shards_run"] >= 4 for w in r["worker_stats"])
     assert "evaluation keys" in r["foreign_keys_error"] and "another model" in r["foreign_keys_error"]
+    # as many requests as workers run data-parallel: whole inferences, both workers busy
+    assert r["mode"] == "sharded" and r["many_mode"] == "data-parallel" and r["many_equal"]
+    assert r["many_workers"] == [0, 1] and r["many_stages"] == ["whole"]
+    # one worker runs the whole network in one call with both cores of the node
+    assert r["one_worker"] == {"mode": "whole", "threads": 2, "calls": 1, "decrypted_equal": True}
 
 
 def test_killed_worker_shards_are_retried(digits_artifact):

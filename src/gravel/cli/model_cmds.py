@@ -50,7 +50,7 @@ def cmd_compile(args: argparse.Namespace) -> None:
     t = time.perf_counter()
     manifest = compile_model(args.model, calib_images(data, args.calib), args.out, quant_config(args),
                              calib_y=calib_labels(data, args.calib),
-                             p_error=args.p_error, max_shards=args.shards, name=args.name,
+                             p_error=args.p_error, max_shards=args.shards or 1, name=args.name,
                              overwrite=args.force, show_progress=not args.quiet)
     stats = manifest.data["stats"]
     print(f"compiled {manifest.name} in {time.perf_counter() - t:.1f} s -> {args.out}")
@@ -89,7 +89,7 @@ def cmd_check(args: argparse.Namespace) -> None:
 
     r = check(args.model, load_data(args), samples=args.samples, sim_samples=args.sim_samples,
               fhe_samples=args.fhe_samples, config=quant_config(args), calib=args.calib,
-              p_error=args.p_error, max_shards=args.shards, progress=not args.quiet)
+              p_error=args.p_error, max_shards=args.shards or 1, progress=not args.quiet)
     if args.json:
         print(json.dumps(r))
     if not r["supported"]:
@@ -115,7 +115,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
     if args.workers:
         return _bench_workers(args)
     r = bench(args.model, load_data(args), samples=args.samples, config=quant_config(args), calib=args.calib,
-              p_error=args.p_error, max_shards=args.shards, progress=not args.quiet and not args.json)
+              p_error=args.p_error, max_shards=args.shards or 1, progress=not args.quiet and not args.json)
     if args.json:
         print(json.dumps(r))
         return
@@ -142,7 +142,7 @@ def _bench_workers(args: argparse.Namespace) -> None:
         raise GravelError(f"--workers {args.workers!r}: give worker counts like 1,2,4")
     r: dict[str, Any] = bench_workers(args.model, load_data(args), sorted(workers), samples=args.samples,
                                       address=args.ray_address, config=quant_config(args), calib=args.calib,
-                                      p_error=args.p_error, max_shards=args.shards)
+                                      p_error=args.p_error, max_shards=args.shards or max(workers))
     if args.plot:
         plot_scaling(r, args.plot)
     if args.json:

@@ -31,7 +31,10 @@ def add_quant_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--rounding", choices=["auto", "approximate", "exact"], default="auto",
                    help="accumulator rounding before each lookup (auto: exact for sign activations)")
     g.add_argument("--p-error", type=float, default=0.01, help="error probability per table lookup (default 0.01)")
-    g.add_argument("--shards", type=int, default=16, help="most shards per layer (default 16)")
+    g.add_argument("--shards", type=int,
+                   help="most shards per layer: plan one inference for that many Ray workers (default 1: "
+                        "one process runs the whole network in one backend call; `bench --workers` plans "
+                        "for its largest worker count)")
     g.add_argument("--calib", type=int, default=500, help="calibration images (default 500)")
 
 

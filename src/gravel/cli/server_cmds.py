@@ -30,7 +30,8 @@ def cmd_run(args: argparse.Namespace) -> None:
     write_file(args.out, server.frame_output(out))
     print(f"ran in {elapsed:.3f} s -> {args.out}")
     for st in trace:
-        print(f"  {st.stage}: {st.shards} shards, {st.seconds:.3f} s")
+        what = "the whole network in one backend call" if st.stage == "fused" else f"{st.shards} shards"
+        print(f"  {st.stage}: {what}, {st.seconds:.3f} s")
 
 
 def _run_on_cluster(args: argparse.Namespace) -> None:
@@ -45,8 +46,12 @@ def _run_on_cluster(args: argparse.Namespace) -> None:
     session = executor.open_session(Path(args.eval_keys).read_bytes())
     out, trace = executor.infer(session, Path(args.input).read_bytes())
     write_file(args.out, out)
-    print(f"ran on {executor.workers} Ray workers ({len(trace.nodes)} nodes) in {trace.latency_s:.3f} s "
-          f"-> {args.out}")
+    print(f"ran {trace.mode} on {executor.workers} Ray workers ({len(trace.nodes)} nodes) in "
+          f"{trace.latency_s:.3f} s -> {args.out}")
+    widest = max(row["shards"] for row in executor.manifest.plan)
+    if executor.workers > widest:
+        print(f"  note: the artifact's plan has at most {widest} shards per stage, so {executor.workers - widest} "
+              f"workers had nothing to do; compile with --shards {executor.workers} to use them all")
     for stage in dict.fromkeys(r.stage for r in trace.shards):
         rows = [r for r in trace.shards if r.stage == stage]
         print(f"  {stage}: {len(rows)} shards on workers {sorted({r.worker for r in rows})}, "

@@ -34,6 +34,7 @@ class InferenceTrace:
     finished: float = 0.0
     shards: list[ShardRecord] = field(default_factory=list)
     retries: int = 0
+    mode: str = "sharded"  # or "whole" (one backend call) / "data-parallel" (several whole ones)
 
     @property
     def latency_s(self) -> float:
@@ -59,5 +60,6 @@ class InferenceTrace:
             "latency_s": self.latency_s,
             "compute_s": self.compute_s,
             "retries": self.retries,
+            "mode": self.mode,
             "shards": [asdict(r) | {"queue_s": r.queue_s} for r in self.shards],
         }

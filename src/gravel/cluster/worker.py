@@ -22,12 +22,15 @@ class ShardWorker:
     private directory and verified against the manifest's hashes before loading.
     """
 
-    def __init__(self, bundle: dict[str, bytes], index: int) -> None:
+    def __init__(self, bundle: dict[str, bytes], index: int, cores: list[int] | None = None) -> None:
         import ray
 
         from gravel.server import ServerModel
 
+        if cores:  # a "machine" of k pinned cores (benchmarks): the backend's threads stay on them
+            os.sched_setaffinity(0, cores)
         self.index = index
+        self.cores = sorted(os.sched_getaffinity(0))
         self.node = ray.get_runtime_context().get_node_id()
         self.dir = Path(tempfile.mkdtemp(prefix=f"gravel-worker{index}-"))
         for name, data in bundle.items():
@@ -38,7 +41,7 @@ class ShardWorker:
         self.shards_run = 0
 
     def ping(self) -> dict[str, Any]:
-        return {"worker": self.index, "node": self.node, "pid": os.getpid(),
+        return {"worker": self.index, "node": self.node, "pid": os.getpid(), "cores": self.cores,
                 "key_loads": self.key_loads, "shards_run": self.shards_run}
 
     def _session_keys(self, session: str, keys_box: list) -> Any:
@@ -58,7 +61,7 @@ class ShardWorker:
     def run_shard(
         self, session: str, keys_box: list, stage: int, shard: int, submitted: float, *parts: bytes
     ) -> tuple[bytes, dict[str, Any]]:
-        """Evaluate one shard; `keys_box` wraps the keys' ObjectRef so Ray does not fetch it
+        """Evaluate one shard (stage -1: the whole inference, fused); `keys_box` wraps the keys' ObjectRef so Ray does not fetch it
         unless this worker has not seen the session yet."""
         from concrete import fhe
 
@@ -66,7 +69,10 @@ class ShardWorker:
         keys = self._session_keys(session, keys_box)
         values = [fhe.Value.deserialize(p) for p in parts]
         t0 = time.perf_counter()
-        out = self.model.run_shard(stage, shard, values, keys).serialize()
+        if stage < 0:  # the whole network in one backend call (the artifact's fused function)
+            out = self.model.run(keys, values[0])[0].serialize()
+        else:
+            out = self.model.run_shard(stage, shard, values, keys).serialize()
         compute = time.perf_counter() - t0
         self.shards_run += 1
         return out, {

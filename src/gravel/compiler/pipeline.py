@@ -122,9 +122,11 @@ def search_quantize(graph: Graph, calib: np.ndarray, config: QuantConfig,
 
 def lower(compiled: Compiled, calib_x: np.ndarray, p_error: float = DEFAULT_P_ERROR, simulation: bool = False,
           show_progress: bool = False, compress_keys: bool = True, fused: bool | None = None) -> Any:
-    """The concrete module of a built model (`fused` defaults to: every stage is one shard)."""
+    """The concrete module of a built model, with the whole-network function (`fused`, on by
+    default) beside the stage functions: one process runs that in one backend call, Ray workers
+    run the stages' shards; both share the one key set."""
     if fused is None:
-        fused = all(row.shards == 1 for row in compiled.plan.stages)
+        fused = True
     calib_q = compiled.qgraph.quantize_input(conform_batch(calib_x, compiled.graph.input_shape))
     try:
         return compile_program(compiled.qgraph, compiled.stages, compiled.plan, calib_q, p_error=p_error,

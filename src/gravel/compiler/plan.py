@@ -21,7 +21,9 @@ from gravel.protocol.manifest import shard_columns
 
 __all__ = ["DEFAULT_MAX_SHARDS", "ShardPlan", "Stage", "StagePlan", "make_plan", "partition", "shard_weights"]
 
-DEFAULT_MAX_SHARDS = 16
+# One shard per stage: what one process runs fastest (the artifact's fused function, one backend
+# call). Compile with as many shards as the workers that will share one inference.
+DEFAULT_MAX_SHARDS = 1
 INPUT = "input"
 _MOVES = ("reshape", "transpose", "pad", "sumpool")
 

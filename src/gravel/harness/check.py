@@ -143,7 +143,7 @@ def check(
     """The report as a dict; `supported: False` with every problem when the model cannot run."""
     calib_x = calib_images(data, calib)
     try:
-        compiled = build(model, calib_x, config, compile_kwargs.get("max_shards", 16), calib_labels(data, calib))
+        compiled = build(model, calib_x, config, compile_kwargs.get("max_shards") or 1, calib_labels(data, calib))
     except ModelError as exc:
         return {"supported": False, "problems": str(exc).splitlines()}
     x, y = data.x_test[:samples], data.y_test[:samples]

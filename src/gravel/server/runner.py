@@ -87,8 +87,11 @@ class ServerModel:
         return self._server.run(*parts, *clear, evaluation_keys=keys, function_name=name)
 
     def run(self, keys, value, progress: Callable[[int, int], None] | None = None,
-            should_stop: Callable[[], bool] | None = None) -> tuple[object, list[StageTrace]]:
-        """One inference, shards run one after another; returns the output Value and a trace.
+            should_stop: Callable[[], bool] | None = None, whole: bool | None = None) -> tuple[object, list[StageTrace]]:
+        """One inference in this process; returns the output Value and a trace.
+
+        The fused function where the artifact has one (`whole=None`, the fastest here: one
+        backend call), else (or with `whole=False`) stage by stage, shards one after another.
 
         `progress(stages_done, stages)` is called after each stage, for long inferences.
         `should_stop()` is asked before every backend call (a fused program makes just one);
@@ -96,7 +99,7 @@ class ServerModel:
         stop = should_stop or (lambda: False)
         if stop():
             raise InferenceCancelled("inference cancelled before it started")
-        if self.fused:
+        if self.fused and whole is not False:
             t0 = time.perf_counter()
             out = self._server.run(value, evaluation_keys=keys, function_name=self.fused)
             seconds = time.perf_counter() - t0

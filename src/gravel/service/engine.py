@@ -172,8 +172,14 @@ class RayEngine:
                 raise ClusterError(f"cannot join the Ray cluster at {address}: {exc}") from exc
         cpus = int(ray.cluster_resources().get("CPU", 0))
         self.slots = max(1, workers or cpus)
-        where = f"Ray cluster at {address}" if address else "embedded Ray"
-        self.description = f"{where}, {self.slots} worker slots"
+        self._where = f"Ray cluster at {address}" if address else "embedded Ray"
+        self.modes: dict[str, int] = {}  # how inferences ran: sharded / whole (the executor chooses)
+
+    @property
+    def description(self) -> str:
+        """For /health/ready: where inferences run, and how the executors chose to run them."""
+        ran = ", ".join(f"{mode} {n}" for mode, n in sorted(self.modes.items()))
+        return f"{self._where}, {self.slots} worker slots" + (f"; inferences run {ran}" if ran else "")
 
     def _executor(self, model: str, artifact: Path):
         from gravel.cluster import RayExecutor
@@ -230,7 +236,9 @@ class RayEngine:
                     uncached = [e for e in evicted if e[0] == key]  # larger than the whole cache
                     self._release([e for e in evicted if e[0] != key])
             try:
-                out, _ = ex.infer(handle, ciphertext, progress=progress, should_stop=should_stop)
+                out, trace = ex.infer(handle, ciphertext, progress=progress, should_stop=should_stop)
+                with self._cond:
+                    self.modes[trace.mode] = self.modes.get(trace.mode, 0) + 1
             finally:
                 if uncached:
                     with self._cond:
