@@ -21,10 +21,11 @@ def test_artifact_layout_and_manifest(digits_artifact):
 
 
 def test_program_round_trips_through_artifact(digits, digits_artifact, digits_checkpoint):
-    from gravel.compiler import build
+    from gravel.compiler import QuantConfig, build
     from gravel.harness.common import calib_images
 
-    fresh = build(digits_checkpoint, calib_images(digits, 200)).qgraph
+    # the settings the fixture compiled with (the default post-training search may choose others)
+    fresh = build(digits_checkpoint, calib_images(digits, 200), QuantConfig(search=False)).qgraph
     loaded = load_graph(load_manifest(digits_artifact))
     assert (fresh.predict(digits.x_test) == loaded.predict(digits.x_test)).all()
     xq = fresh.quantize_input(digits.x_test[:50])

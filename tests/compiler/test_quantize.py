@@ -129,3 +129,31 @@ def test_config_and_shape_errors_are_clear():
     with pytest.raises(ModelError, match=r"\(7,\) per sample does not fit the model's input \(64,\)"):
         quantize(g, np.zeros((3, 7)))
     assert quantize(g, rng.random((20, 1, 8, 8))).input_shape == (64,)  # same count: reshaped
+
+
+def test_a_stage_with_per_channel_lookups_splits_into_shard_functions():
+    """Output channels whose weights differ >4x get per-channel scales, so one lookup table per
+    channel: such a stage splits into one compiled function per shard (weights and tables
+    sliced), and the sharded program still computes exactly the clear program."""
+    from gravel.compiler import lower
+    from gravel.compiler.pipeline import build
+    from gravel.harness.check import simulate
+
+    rng = np.random.default_rng(3)
+    g = mlp(rng, dict(fn="relu"))
+    g.node("fc1").attrs["weight"][:4] *= 8.0  # four loud channels: per-channel weight scales
+    x = rng.random((60, 64))
+    cfg = QuantConfig(in_bits=4, w_bits=5, a_bits=4, tlu_bits=6, rounding="exact", search=False)
+    compiled = build(g, x, cfg, max_shards=2)
+    row = compiled.plan.stages[0]
+    assert np.ndim(compiled.qgraph.node(compiled.stages[0].output.name).attrs["in_scale"]) == 1
+    assert row.functions == ("stage0_0", "stage0_1") and not row.shardable and row.shards == 2
+    xq = compiled.qgraph.quantize_input(x)
+    out = stage_outputs(compiled.qgraph, compiled.stages, compiled.plan, xq)
+    assert [o.shape for o in out["stage0"]] == [(60, 8), (60, 8)]
+    assert np.array_equal(out[compiled.stages[-1].name][0], compiled.qgraph.forward_int(xq))
+    # the simulated backend program, shard function by shard function (no fused function)
+    module = lower(compiled, x, p_error=1e-6, simulation=True, fused=False)
+    assert compiled.plan.stages[0].functions == ("stage0_0", "stage0_1"), compiled.notes  # no fallback
+    assert hasattr(module, "stage0_1") and not hasattr(module, "fused")
+    assert np.array_equal(simulate(module, compiled, x[:10]), compiled.qgraph.predict(x[:10]))

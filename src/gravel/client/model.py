@@ -10,6 +10,7 @@ import numpy as np
 
 from gravel.errors import BlobFormatError, KeyMismatchError
 from gravel.protocol import Kind, Manifest, frame, load_manifest, unframe
+from gravel.protocol.manifest import shard_function
 from gravel.protocol.quantization import InputQuantizer
 
 __all__ = ["ClientModel", "SecretKeys"]
@@ -72,7 +73,7 @@ class ClientModel:
         self.first = manifest.input_function
         self.last = manifest.output_function
         # the input function's clear arguments (a shard's weights), which the client does not send
-        row = next(r for r in manifest.plan if r["name"] == self.first)
+        row = next(r for r in manifest.plan if shard_function(r, 0) == self.first)
         self._clear_placeholders = (None, None) if row.get("shardable") else ()
         self.out_scale = np.asarray(manifest.output["scale"])
         self.out_offset = np.asarray(manifest.output["offset"])

@@ -18,9 +18,9 @@ from typing import Any
 import numpy as np
 
 from gravel.compiler.plan import INPUT, ShardPlan, Stage
-from gravel.compiler.program import FUSED, fused_compatible
+from gravel.compiler.program import FUSED, fused_compatible, input_compatible
 from gravel.compiler.qgraph import QGraph, QNode
-from gravel.errors import ArtifactError
+from gravel.errors import ArtifactError, ModelError
 from gravel.protocol.manifest import (
     FORMAT_VERSION, Manifest, concrete_version, file_sha256, load_manifest, publish_directory,
 )
@@ -30,7 +30,7 @@ __all__ = ["load_graph", "load_program", "write_artifact"]
 
 def backend_pbs_count(module: Any, plan: ShardPlan) -> int:
     """Bootstraps per inference as concrete counts them (exact rounding adds some)."""
-    return sum(getattr(module, s.name).programmable_bootstrap_count * s.shards for s in plan.stages)
+    return sum(getattr(module, s.function(0)).programmable_bootstrap_count * s.shards for s in plan.stages)
 
 
 def _encode(value: Any, key: str, arrays: dict[str, np.ndarray]) -> Any:
@@ -99,7 +99,10 @@ def write_artifact(
         with open(tmp / "weights.npz", "wb") as f:
             np.savez(f, **arrays)
         files = {n: file_sha256(tmp / n) for n in ("server.zip", "client.specs.json", "weights.npz")}
-        first = next(s.name for s in stages if INPUT in s.inputs)
+        first = next(r for r in plan.stages if INPUT in r.inputs).function(0)
+        if not input_compatible(module, plan):  # pipeline.lower falls back before this
+            raise ModelError("the first stage's shard functions read the client's input in different encodings; "
+                             "compile with --shards 1")
         manifest = {
             "format": "gravel-artifact",
             "format_version": FORMAT_VERSION,

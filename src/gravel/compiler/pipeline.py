@@ -15,7 +15,7 @@ from gravel.compiler.artifact import write_artifact
 from gravel.compiler.ir import Graph
 from gravel.compiler.passes import Pass, canonicalise, run_passes
 from gravel.compiler.plan import DEFAULT_MAX_SHARDS, ShardPlan, Stage, make_plan, partition
-from gravel.compiler.program import DEFAULT_P_ERROR, compile_program
+from gravel.compiler.program import DEFAULT_P_ERROR, compile_program, input_compatible
 from gravel.compiler.qgraph import QGraph
 from gravel.compiler.quantize import QuantConfig, conform_batch, quantize
 from gravel.errors import ModelError
@@ -128,10 +128,30 @@ def lower(compiled: Compiled, calib_x: np.ndarray, p_error: float = DEFAULT_P_ER
     if fused is None:
         fused = True
     calib_q = compiled.qgraph.quantize_input(conform_batch(calib_x, compiled.graph.input_shape))
-    try:
+
+    def compile_() -> Any:
         return compile_program(compiled.qgraph, compiled.stages, compiled.plan, calib_q, p_error=p_error,
                                simulation=simulation, show_progress=show_progress, compress_keys=compress_keys,
                                fused=fused)
+
+    per_shard = [row.name for row in compiled.plan.stages if row.functions]
+    try:
+        if not per_shard:
+            return compile_()
+        try:
+            module = compile_()
+            if not input_compatible(module, compiled.plan):
+                raise ModelError("the first stage's shard functions read the client's input in different encodings")
+            return module
+        except (ModelError, ValueError) as exc:
+            # Per-shard functions are a second way to split a stage; where concrete cannot
+            # give them one encoding (or compile them), those stages run whole instead.
+            widest = max(row.shards for row in compiled.plan.stages)
+            compiled.plan = make_plan(compiled.stages, widest, per_channel=False)
+            compiled.qgraph.notes.append(
+                f"stages {', '.join(per_shard)} (per-channel lookups) run as one shard each: "
+                f"splitting them failed ({str(exc).splitlines()[0][:200]})")
+            return compile_()
     except ModelError as exc:
         raise ModelError(f"pass 'lower to concrete' failed: {exc}") from exc
 

@@ -3,10 +3,11 @@
 A stage ends at a table lookup (a `lut`, a `maxpool`), at a value read by several nodes, or at
 the output: each stage is one function of the backend program, reading the outputs of earlier
 stages (or the client's input) and producing one tensor. A stage of the form
-"data movement -> Gemm/Conv -> lookup with one table" on a single input is shardable: its
-output channels are independent, so equal slices of them run as shards of one compiled
-function that takes the slice's weights and bias as clear arguments. Any other stage is one
-shard with its constants compiled in. Shards of a stage have equal sizes (a divisor of its
+"data movement -> Gemm/Conv -> lookup" on a single input is shardable: its output channels are
+independent, so equal slices of them run as shards. Where the lookup is the same for every
+channel, the shards are one compiled function that takes the slice's weights and bias as clear
+arguments; where it differs per channel (per-channel scales), each shard is a function of its
+own with its slice's constants compiled in. Any other stage is one shard. Shards of a stage have equal sizes (a divisor of its
 channel count), so their costs are equal by construction.
 """
 
@@ -48,7 +49,7 @@ class Stage:
 
     @property
     def shardable(self) -> bool:
-        """Data movement on one input, then one Gemm/Conv, then a lookup with one table."""
+        """Data movement on one input, then one Gemm/Conv, then a lookup."""
         lin = self.linear
         if lin is None or len(self.inputs) != 1 or self.output.op != "lut":
             return False
@@ -56,9 +57,14 @@ class Stage:
             return False
         ops = [n.op for n in self.nodes]
         k = ops.index("linear")
+        return all(op in _MOVES for op in ops[:k]) and ops[k + 1 :] == ["lut"]
+
+    @property
+    def uniform(self) -> bool:
+        """Whether the stage's lookup is one table for all channels (else per channel)."""
         lut = self.output.attrs
-        uniform = all(np.ndim(lut[key]) == 0 for key in ("in_scale", "in_offset"))
-        return all(op in _MOVES for op in ops[:k]) and ops[k + 1 :] == ["lut"] and uniform
+        params = lut.get("params") or {}
+        return all(np.ndim(v) == 0 for v in [lut["in_scale"], lut["in_offset"], *params.values()])
 
     @property
     def channels(self) -> int:
@@ -126,7 +132,8 @@ class StagePlan:
     shards: int
     shard_size: int  # output channels per shard
     pbs_per_shard: int
-    shardable: bool
+    shardable: bool  # the shards share one function that takes their weights as clear arguments
+    functions: tuple[str, ...] = ()  # else, where sharded: one function per shard (protocol.shard_function)
 
     def to_json(self) -> dict:
         return {
@@ -137,7 +144,11 @@ class StagePlan:
             "shard_size": self.shard_size,
             "pbs_per_shard": self.pbs_per_shard,
             "shardable": self.shardable,
+            "functions": list(self.functions),
         }
+
+    def function(self, shard: int) -> str:
+        return self.functions[shard] if self.functions else self.name
 
 
 @dataclass(frozen=True)
@@ -149,7 +160,8 @@ class ShardPlan:
 
     @staticmethod
     def from_json(rows: list[dict]) -> ShardPlan:
-        return ShardPlan(tuple(StagePlan(**{**row, "inputs": tuple(row["inputs"])}) for row in rows))
+        return ShardPlan(tuple(StagePlan(**{**row, "inputs": tuple(row["inputs"]),
+                                            "functions": tuple(row.get("functions", ()))}) for row in rows))
 
     @property
     def pbs_count(self) -> int:
@@ -160,17 +172,22 @@ def _largest_divisor_at_most(n: int, cap: int) -> int:
     return max(d for d in range(1, min(n, cap) + 1) if n % d == 0)
 
 
-def make_plan(stages: list[Stage], max_shards: int = DEFAULT_MAX_SHARDS) -> ShardPlan:
+def make_plan(stages: list[Stage], max_shards: int = DEFAULT_MAX_SHARDS, per_channel: bool = True) -> ShardPlan:
+    """Shards per stage, at most `max_shards`; `per_channel=False` keeps stages whose lookup
+    differs per channel in one shard (they would need a function per shard)."""
     rows = []
     shards_of = {INPUT: 1}
-    for st in stages:
+    for k, st in enumerate(stages):
         in_parts = sum(shards_of[i] for i in st.inputs)
-        if st.shardable:
+        # the client decrypts one output: the last stage is never split
+        if st.shardable and k < len(stages) - 1 and (per_channel or st.uniform):
             shards = _largest_divisor_at_most(st.channels, max_shards)
         else:
             shards = 1
         size = st.channels // shards if st.nodes else 0
-        rows.append(StagePlan(st.name, tuple(st.inputs), in_parts, shards, size, st.lookups // shards, st.shardable))
+        shared = st.shardable and st.uniform
+        own = tuple(f"{st.name}_{j}" for j in range(shards)) if shards > 1 and not shared else ()
+        rows.append(StagePlan(st.name, tuple(st.inputs), in_parts, shards, size, st.lookups // shards, shared, own))
         shards_of[st.name] = shards
     return ShardPlan(tuple(rows))
 

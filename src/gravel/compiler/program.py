@@ -1,10 +1,12 @@
 """Lower the integer program to a concrete-python module: one FHE function per stage.
 
 Function `stageK` takes every shard output of the stages it reads as separate encrypted
-arguments (`x0`..`x{m-1}`, concatenated per input inside). A shardable stage also takes one
-shard's weights `w` and bias `b` as clear arguments, so a single compiled function evaluates
-every shard of its stage, in any process that holds the server program and the evaluation
-keys; other stages have their constants compiled in. `fhe.Wired` declares which outputs feed
+arguments (`x0`..`x{m-1}`, concatenated per input inside). A shardable stage whose lookup is
+the same for every channel also takes one shard's weights `w` and bias `b` as clear arguments,
+so a single compiled function evaluates every shard of its stage, in any process that holds
+the server program and the evaluation keys; a sharded stage whose lookup differs per channel
+has one function per shard (`stageK_J`) with its slice's constants compiled in; other stages
+have their constants compiled in. `fhe.Wired` declares which outputs feed
 which inputs, so all functions share one key set and shard outputs are valid inputs of the
 stages that read them. The optional `fused` function runs the whole network in one call.
 """
@@ -14,16 +16,18 @@ from __future__ import annotations
 import inspect
 import json
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
 
 from gravel.compiler.plan import INPUT, ShardPlan, Stage, shard_weights
-from gravel.compiler.qgraph import NumpyBackend, QGraph, TraceBackend, run_node
+from gravel.compiler.qgraph import NumpyBackend, QGraph, QNode, TraceBackend, run_node
 from gravel.errors import ModelError
 from gravel.protocol.manifest import stage_arguments
 
-__all__ = ["DEFAULT_P_ERROR", "FUSED", "compile_program", "fused_compatible", "run_stage"]
+__all__ = ["DEFAULT_P_ERROR", "FUSED", "compile_program", "fused_compatible", "input_compatible", "run_stage",
+           "shard_outputs"]
 
 # Name of the optional whole-network function (see compile_program's `fused`).
 FUSED = "fused"
@@ -44,20 +48,52 @@ def _split_parts(stage: Stage, parts: list[Any], shards_of: dict[str, int], back
     return values
 
 
+def _channel_slice(node: QNode, cols: slice, channels: int) -> QNode:
+    """`node` (a lookup) restricted to output channels `cols`: per-channel parameters sliced."""
+
+    def cut(v: Any) -> Any:
+        return np.asarray(v)[cols] if np.ndim(v) >= 1 and np.shape(v)[0] == channels else v
+
+    attrs = {k: cut(v) for k, v in node.attrs.items()}
+    if isinstance(attrs.get("params"), dict):
+        attrs["params"] = {k: cut(v) for k, v in attrs["params"].items()}
+    shape = (cols.stop - cols.start, *node.shape[1:])
+    return replace(node, attrs=attrs, shape=shape)
+
+
 def run_stage(stage: Stage, parts: list[Any], shards_of: dict[str, int], backend: Any,
-              w: Any = None, b: Any = None) -> Any:
-    """One stage (or one shard of it, given that shard's weights `w` and bias `b`) on the
-    shard outputs of the stages it reads. Used by the clear reference and the FHE program alike."""
+              w: Any = None, b: Any = None, shard: tuple[int, int] | None = None) -> Any:
+    """One stage on the shard outputs of the stages it reads; or one shard of it: given that
+    shard's weights `w` and bias `b` (a stage whose lookup is the same for all channels), or
+    `shard=(shards, index)` (weights and per-channel lookup parameters sliced here). Used by
+    the clear reference and the FHE program alike."""
     if not stage.nodes:  # a relay passes the client's input on
         return parts[0] * 1 if backend.lead == 0 else parts[0]
+    cols = None
+    if shard is not None:
+        w, b = shard_weights(stage, *shard)
+        size = stage.channels // shard[0]
+        cols = slice(shard[1] * size, (shard[1] + 1) * size)
     values = _split_parts(stage, parts, shards_of, backend)
     for node in stage.nodes:
         args = [values[i] for i in node.inputs]
         if node.op == "linear" and w is not None:
             values[node.name] = run_node(node, args, backend, w, b)
+        elif node.op == "lut" and cols is not None:
+            values[node.name] = run_node(_channel_slice(node, cols, stage.channels), args, backend)
         else:
             values[node.name] = run_node(node, args, backend)
     return values[stage.output.name]
+
+
+def shard_outputs(stage: Stage, row: Any, parts: list[Any], shards_of: dict[str, int], backend: Any) -> list[Any]:
+    """Every shard's output of one stage, in the clear or under simulation-free tracing."""
+    if row.shardable:
+        return [run_stage(stage, parts, shards_of, backend, *shard_weights(stage, row.shards, j))
+                for j in range(row.shards)]
+    if row.functions:
+        return [run_stage(stage, parts, shards_of, backend, shard=(row.shards, j)) for j in range(row.shards)]
+    return [run_stage(stage, parts, shards_of, backend)]
 
 
 def _signature(fn: Callable[..., Any], name: str, names: list[str]) -> Callable[..., Any]:
@@ -68,16 +104,18 @@ def _signature(fn: Callable[..., Any], name: str, names: list[str]) -> Callable[
     return fn
 
 
-def _stage_function(stage: Stage, row: Any, shards_of: dict[str, int]) -> Callable[..., Any]:
+def _stage_function(stage: Stage, row: Any, shards_of: dict[str, int], shard: int | None = None) -> Callable[..., Any]:
+    """The traced function of a stage (or of one shard of it, for per-shard functions)."""
     backend = TraceBackend()
     n = row.in_parts
-    names = [f"x{i}" for i in range(n)] + (["w", "b"] if stage.shardable else [])
+    names = [f"x{i}" for i in range(n)] + (["w", "b"] if row.shardable else [])
+    part = (row.shards, shard) if shard is not None else None
 
     def fn(**kw: Any) -> Any:
         parts = [kw[f"x{i}"] for i in range(n)]
-        return run_stage(stage, parts, shards_of, backend, kw.get("w"), kw.get("b"))
+        return run_stage(stage, parts, shards_of, backend, kw.get("w"), kw.get("b"), shard=part)
 
-    return _signature(fn, stage.name, names)
+    return _signature(fn, row.function(shard or 0), names)
 
 
 def _fused_function(stages: list[Stage]) -> Callable[..., Any]:
@@ -101,12 +139,7 @@ def stage_outputs(graph: QGraph, stages: list[Stage], plan: ShardPlan, q: np.nda
     outputs: dict[str, list[np.ndarray]] = {INPUT: [q]}
     for st, row in zip(stages, plan.stages):
         parts = stage_arguments(row.to_json(), outputs)
-        if row.shardable:
-            outputs[st.name] = [
-                run_stage(st, parts, shards_of, backend, *shard_weights(st, row.shards, j)) for j in range(row.shards)
-            ]
-        else:
-            outputs[st.name] = [run_stage(st, parts, shards_of, backend)]
+        outputs[st.name] = shard_outputs(st, row, parts, shards_of, backend)
     return outputs
 
 
@@ -121,7 +154,8 @@ def inputsets(graph: QGraph, stages: list[Stage], plan: ShardPlan, calib_q: np.n
         for n in range(len(calib_q)):
             args = tuple(np.ascontiguousarray(p[n]) for p in parts)
             samples.append(args + tuple(weights[n % len(weights)]))
-        sets[st.name] = samples
+        for name in row.functions or (st.name,):  # per-shard functions read the same arguments
+            sets[name] = samples
     return sets
 
 
@@ -136,9 +170,19 @@ def fused_compatible(module: Any, plan: ShardPlan) -> bool:
     last = plan.stages[-1]
     fused = circuits[FUSED]
     return (
-        fused["inputs"][0]["typeInfo"] == circuits[first.name]["inputs"][0]["typeInfo"]
+        fused["inputs"][0]["typeInfo"] == circuits[first.function(0)]["inputs"][0]["typeInfo"]
         and fused["outputs"][0]["typeInfo"] == circuits[last.name]["outputs"][0]["typeInfo"]
     )
+
+
+def input_compatible(module: Any, plan: ShardPlan) -> bool:
+    """Whether one client ciphertext is a valid input of every function that reads it (the
+    first stage's per-shard functions): same key, shape and encoding."""
+    circuits = {c["name"]: c for c in json.loads(module.client.specs.serialize())["circuits"]}
+    first = next(r for r in plan.stages if INPUT in r.inputs)
+    kinds = {json.dumps(circuits[first.function(j)]["inputs"][0]["typeInfo"], sort_keys=True)
+             for j in range(len(first.functions) or 1)}
+    return len(kinds) == 1
 
 
 def compile_program(
@@ -161,22 +205,24 @@ def compile_program(
     from concrete import fhe
 
     shards_of = {INPUT: 1} | {row.name: row.shards for row in plan.stages}
+    rows = {row.name: row for row in plan.stages}
     attrs: dict[str, Any] = {}
-    functions = {}
     for st, row in zip(stages, plan.stages):
         spec = {f"x{i}": "encrypted" for i in range(row.in_parts)}
         if row.shardable:
             spec |= {"w": "clear", "b": "clear"}
-        functions[st.name] = fhe.function(spec)(_stage_function(st, row, shards_of))
-        attrs[st.name] = functions[st.name]
+        for j, name in enumerate(row.functions or (st.name,)):
+            attrs[name] = fhe.function(spec)(_stage_function(st, row, shards_of, j if row.functions else None))
     wires = set()
     for st, row in zip(stages, plan.stages):
-        k = 0
-        for producer in st.inputs:
-            for _ in range(shards_of[producer]):
-                if producer != INPUT:
-                    wires.add(fhe.Wire(fhe.Output(functions[producer], 0), fhe.Input(functions[st.name], k)))
-                k += 1
+        for reader in row.functions or (st.name,):
+            k = 0
+            for producer in st.inputs:
+                for j in range(shards_of[producer]):
+                    if producer != INPUT:
+                        source = attrs[rows[producer].function(j)]
+                        wires.add(fhe.Wire(fhe.Output(source, 0), fhe.Input(attrs[reader], k)))
+                    k += 1
     if fused:
         attrs[FUSED] = fhe.function({"x": "encrypted"})(_fused_function(stages))
     attrs["composition"] = fhe.Wired(wires)

@@ -17,7 +17,7 @@ from gravel.errors import ArtifactError
 
 __all__ = [
     "BACKEND_FILES", "CLIENT_FILES", "FORMAT_VERSION", "INPUT", "SERVER_FILES", "Manifest", "file_sha256",
-    "load_manifest", "publish_directory", "shard_columns",
+    "load_manifest", "publish_directory", "shard_columns", "shard_function",
     "stage_arguments",
 ]
 
@@ -134,6 +134,15 @@ def shard_columns(weight: Any, bias: Any, shards: int, index: int) -> tuple[Any,
     cols = slice(index * size, (index + 1) * size)
     return (np.ascontiguousarray(weight[:, cols], dtype=np.int64),
             np.ascontiguousarray(bias[cols], dtype=np.int64))
+
+
+def shard_function(row: dict[str, Any], shard: int) -> str:
+    """The backend function that evaluates shard `shard` of a stage: the stage's own (shared by
+    its shards, which get their weights as clear arguments), or the shard's own function with
+    its constants compiled in (`functions`: stages whose lookups differ per channel). The one
+    rule the compiler's wiring and the server share."""
+    functions = row.get("functions") or ()
+    return functions[shard] if functions else row["name"]
 
 
 def stage_arguments(row: dict[str, Any], outputs: dict[str, list[Any]]) -> list[Any]:

@@ -11,7 +11,7 @@ import numpy as np
 
 from gravel.errors import BlobFormatError, InferenceCancelled, KeyMismatchError
 from gravel.protocol import Kind, Manifest, frame, load_manifest, unframe
-from gravel.protocol.manifest import INPUT, shard_columns, stage_arguments
+from gravel.protocol.manifest import INPUT, shard_columns, shard_function, stage_arguments
 
 __all__ = ["ServerModel", "StageTrace", "parse_blob"]
 
@@ -56,8 +56,8 @@ class ServerModel:
         by_stage = {s["name"]: s for s in manifest.stages}
         self.shards: list[list[tuple]] = []
         for row in manifest.plan:
-            if not row.get("shardable"):
-                self.shards.append([()])
+            if not row.get("shardable"):  # constants compiled in (per-shard functions: each its own)
+                self.shards.append([()] * row["shards"])
                 continue
             linear = next(n for n in by_stage[row["name"]]["nodes"] if f"{n}.weight" in arrays)
             w, b = arrays[f"{linear}.weight"], arrays[f"{linear}.bias"]
@@ -82,8 +82,8 @@ class ServerModel:
         return parse_blob(data, Kind.INPUT_CIPHERTEXT, self.digest)[1]
 
     def run_shard(self, stage: int, shard: int, parts: list, keys):
-        clear = self.shards[stage][shard]  # (w, b) of a shardable stage, else nothing
-        name = self.manifest.plan[stage]["name"]
+        clear = self.shards[stage][shard]  # (w, b) of a stage whose shards share a function, else nothing
+        name = shard_function(self.manifest.plan[stage], shard)
         return self._server.run(*parts, *clear, evaluation_keys=keys, function_name=name)
 
     def run(self, keys, value, progress: Callable[[int, int], None] | None = None,
