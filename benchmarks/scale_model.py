@@ -41,6 +41,17 @@ def stage_costs(trace: dict) -> list[dict]:
     ]
 
 
+def trace_gap(trace: dict) -> float:
+    """Median delay from a stage's last shard finishing to the next stage's first shard starting."""
+    by_stage: dict[str, list[dict]] = {}
+    for sh in trace["shards"]:
+        by_stage.setdefault(sh["stage"], []).append(sh)
+    names = list(by_stage)
+    gaps = [min(s["started"] for s in by_stage[b]) - max(s["finished"] for s in by_stage[a])
+            for a, b in zip(names, names[1:])]
+    return max(0.0, statistics.median(gaps)) if gaps else 0.0
+
+
 def predict_as_compiled(stages, w, o, bw):
     return sum(math.ceil(s["shards"] / w) * (s["c"] + o + s["bytes"] / bw) for s in stages)
 
@@ -78,11 +89,16 @@ def main(argv=None) -> int:
     ap.add_argument("--workers", default="16,64,256")
     args = ap.parse_args(argv)
     result = json.load(open(args.bench_json))
-    rows, trace = result["scaling"], result.get("example_trace")
-    if not trace:
-        sys.exit("the bench JSON has no example_trace: run gravel bench with --workers ... --json --trace")
+    rows, trace = result.get("scaling") or result.get("rows"), result.get("example_trace")
+    if not trace or not rows:
+        sys.exit("the JSON has no example_trace: run gravel bench with --workers ... --json --trace, "
+                 "or benchmarks/scaling.py --json")
     stages = stage_costs(trace)
-    o = statistics.median(r["overhead_per_shard_ms"] for r in rows) / 1000
+    if "overhead_per_shard_ms" in rows[0]:
+        o = statistics.median(r["overhead_per_shard_ms"] for r in rows) / 1000
+    else:  # benchmarks/scaling.py: the gaps between a stage's last finish and the next stage's start
+        o = trace_gap(trace)
+    rows = [r for r in rows if r.get("mode", "sharded") == "sharded"]  # whole runs are one call, not the plan
     a = min(s["c"] for s in stages)  # the output stage: a call with no lookups
     lookups = [r["pbs_per_shard"] * r["shards"] for r in result["plan"]] if "plan" in result else None
     if lookups is None:

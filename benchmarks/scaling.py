@@ -134,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         "label": args.label, "cluster": args.ray_address or "embedded",
         "model": manifest.name, "dataset": data.name, "samples": len(cts), "k": args.k,
         "shards": [r["shards"] for r in manifest.plan], "pbs_count": manifest.data["stats"]["pbs_count"],
+        "plan": manifest.plan,
         "eval_key_bytes": len(eval_keys),
         "machine": {"cpus": cpus, "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
                     "time": time.strftime("%Y-%m-%d %H:%M")},
