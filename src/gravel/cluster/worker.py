@@ -14,6 +14,16 @@ __all__ = ["ShardWorker"]
 MAX_SESSIONS = 8
 
 
+def _pin_process(cores: list[int]) -> None:
+    """Pin every thread of this process (Ray's own threads included, which started before
+    this actor's code ran) and the threads it starts later to `cores`."""
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            os.sched_setaffinity(int(tid), cores)
+        except OSError:  # a thread that ended meanwhile
+            pass
+
+
 class ShardWorker:
     """Loads the server program once; deserializes a session's evaluation keys once.
 
@@ -27,8 +37,8 @@ class ShardWorker:
 
         from gravel.server import ServerModel
 
-        if cores:  # a "machine" of k pinned cores (benchmarks): the backend's threads stay on them
-            os.sched_setaffinity(0, cores)
+        if cores:  # a "machine" of k pinned cores (benchmarks): every thread of this process
+            _pin_process(cores)
         self.index = index
         self.cores = sorted(os.sched_getaffinity(0))
         self.node = ray.get_runtime_context().get_node_id()
