@@ -4,7 +4,8 @@
 Input: the JSON of `gravel bench MODEL --workers 1,2 --json --trace` (per-shard compute times,
 bytes moved, and the measured per-shard scheduling overhead). Model, per stage s:
 
-    stage_s(W) = ceil(S_s / W) * (c_s + o + bytes_s / bandwidth)      (plan as compiled)
+    stage_s(W) = ceil(S_s / W) * (c_s + o + bytes_s / bandwidth)      (plan as compiled, W < S_s)
+    stage_s(W) = max_shard_s + o + bytes_s / bandwidth               (W >= S_s: the slowest shard)
 
 with S_s shards of mean compute c_s, o the measured overhead per shard. For more workers than
 shards, the stage would have to be cut finer; with a fixed cost a per backend call (measured on
@@ -36,7 +37,7 @@ def stage_costs(trace: dict) -> list[dict]:
         st["bytes"].append(s["bytes_in"] + s["bytes_out"])
     return [
         {"stage": st["stage"], "shards": len(st["compute"]), "c": statistics.mean(st["compute"]),
-         "bytes": statistics.mean(st["bytes"])}
+         "c_max": max(st["compute"]), "bytes": statistics.mean(st["bytes"])}
         for st in stages.values()
     ]
 
@@ -53,7 +54,10 @@ def trace_gap(trace: dict) -> float:
 
 
 def predict_as_compiled(stages, w, o, bw):
-    return sum(math.ceil(s["shards"] / w) * (s["c"] + o + s["bytes"] / bw) for s in stages)
+    """With a worker per shard, a stage lasts as long as its slowest shard (shards of one stage
+    can differ: per-shard functions may get different crypto parameters); with fewer, rounds."""
+    return sum(s["c_max"] + o + s["bytes"] / bw if w >= s["shards"]
+               else math.ceil(s["shards"] / w) * (s["c"] + o + s["bytes"] / bw) for s in stages)
 
 
 def predict_resharded(stages, lookups, a, w, o, bw):

@@ -36,11 +36,12 @@ import json, sys, time, warnings
 warnings.filterwarnings("ignore")
 from pathlib import Path
 from gravel.server import ServerModel
-art, keys_file, *ct_files = sys.argv[1:]
+art, warm, keys_file, *ct_files = sys.argv[1:]
 s = ServerModel.load(art)
 keys = s.load_evaluation_keys(Path(keys_file).read_bytes())
 values = [s.load_input(Path(f).read_bytes()) for f in ct_files]
-s.run(keys, values[0])  # warm
+if warm == "1":
+    s.run(keys, values[0])
 lat = []
 for v in values:
     t = time.perf_counter(); s.run(keys, v); lat.append(time.perf_counter() - t)
@@ -48,11 +49,11 @@ print(json.dumps({"latencies": lat, "fused": bool(s.fused)}))
 """
 
 
-def single_process(artifact: Path, keys_file: Path, ct_files: list[Path], cores: list[int]) -> dict:
+def single_process(artifact: Path, keys_file: Path, ct_files: list[Path], cores: list[int], warm: bool = True) -> dict:
     """Median latency of the in-process path pinned to `cores`, with as many backend threads."""
     env = {**os.environ, "OMP_NUM_THREADS": str(len(cores))}
-    cmd = ["taskset", "-c", ",".join(map(str, cores)), sys.executable, "-c", CHILD, str(artifact), str(keys_file),
-           *map(str, ct_files)]
+    cmd = ["taskset", "-c", ",".join(map(str, cores)), sys.executable, "-c", CHILD, str(artifact),
+           "1" if warm else "0", str(keys_file), *map(str, ct_files)]
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True)
     r = json.loads(out.stdout.strip().splitlines()[-1])
     return {"cores": cores, "latency_s": statistics.median(r["latencies"]), "latencies": r["latencies"],
@@ -71,6 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ray-address", help="join this Ray cluster (e.g. nodes in network namespaces, "
                                           "benchmarks/netns_delay.sh) instead of starting one")
     ap.add_argument("--label", default="", help="a note stored in the JSON (e.g. the added delay)")
+    ap.add_argument("--no-warm", action="store_true",
+                    help="skip the untimed first inference of each path (for models that take minutes)")
     args = ap.parse_args(argv)
 
     import numpy as np
@@ -102,8 +105,9 @@ def main(argv: list[str] | None = None) -> int:
         for i, ct in enumerate(cts):
             ct_files.append(Path(d) / f"ct{i}")
             ct_files[-1].write_bytes(ct)
-        single_k = single_process(manifest.root, keys_file, ct_files, list(range(args.k)))
-        single_all = single_process(manifest.root, keys_file, ct_files, list(range(cpus)))
+        warm = not args.no_warm
+        single_k = single_process(manifest.root, keys_file, ct_files, list(range(args.k)), warm)
+        single_all = single_process(manifest.root, keys_file, ct_files, list(range(cpus)), warm)
 
     if args.ray_address:
         ray.init(address=args.ray_address, log_to_driver=False)
@@ -114,7 +118,8 @@ def main(argv: list[str] | None = None) -> int:
         ex = RayExecutor(manifest.root, workers=w, threads_per_worker=args.k, pin_cores=True)
         try:
             session = ex.open_session(eval_keys)
-            ex.infer(session, cts[0])  # warm: every worker holds the keys
+            if warm:
+                ex.infer(session, cts[0])  # every worker now holds the keys
             lat, preds = [], []
             for ct in cts:
                 out, trace = ex.infer(session, ct)
@@ -131,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
             ex.shutdown()
         time.sleep(1.0)
     result = {
-        "label": args.label, "cluster": args.ray_address or "embedded",
+        "label": args.label, "cluster": args.ray_address or "embedded", "warm_run": not args.no_warm,
         "model": manifest.name, "dataset": data.name, "samples": len(cts), "k": args.k,
         "shards": [r["shards"] for r in manifest.plan], "pbs_count": manifest.data["stats"]["pbs_count"],
         "plan": manifest.plan,

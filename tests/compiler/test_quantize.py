@@ -50,6 +50,11 @@ def test_stage_outputs_equal_the_clear_program_for_any_shard_count():
         out = stage_outputs(q, stages, plan, xq)[stages[-1].name][0]
         assert np.array_equal(out, q.forward_int(xq))
     assert [row.shards for row in make_plan(stages, 4).stages][:1] == [4]  # conv + relu shards
+    # conv -> residual join -> relu shards too, each shard a function of its own that cuts its
+    # channels out of the join's other operand
+    join = make_plan(stages, 2).stages[1]
+    assert [n.op for n in stages[1].nodes] == ["linear", "add", "lut"]
+    assert join.shards == 2 and join.functions == ("stage1_0", "stage1_1") and not join.shardable
 
 
 def test_concat_of_branches_with_different_scales_is_free():

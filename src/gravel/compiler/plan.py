@@ -49,15 +49,33 @@ class Stage:
 
     @property
     def shardable(self) -> bool:
-        """Data movement on one input, then one Gemm/Conv, then a lookup."""
+        """Data movement, then one Gemm/Conv, then per-channel steps ending in a lookup: the
+        lookup itself, or a residual join (`add`) with a same-shaped tensor another stage made."""
         lin = self.linear
-        if lin is None or len(self.inputs) != 1 or self.output.op != "lut":
+        if lin is None or self.output.op != "lut":
             return False
         if len(lin.shape) != 1 and lin.attrs["kind"] == "gemm":
             return False
         ops = [n.op for n in self.nodes]
         k = ops.index("linear")
-        return all(op in _MOVES for op in ops[:k]) and ops[k + 1 :] == ["lut"]
+        if not all(op in _MOVES for op in ops[:k]):
+            return False
+        path = {lin.name}
+        for node in self.nodes[k + 1 :]:
+            if node.op not in ("lut", "add") or node.shape != lin.shape:
+                return False
+            others = [i for i in node.inputs if i not in path]
+            if node.op == "lut" and others or node.op == "add" and any(i not in self.reads for i in others):
+                return False
+            path.add(node.name)
+        # the Gemm/Conv's own input path reads one tensor; joins read theirs from other stages
+        members = {n.name for n in self.nodes[: k + 1]}
+        return len({i for n in self.nodes[: k + 1] for i in n.inputs if i not in members}) == 1
+
+    @property
+    def joins(self) -> bool:
+        """Whether a residual join follows the Gemm/Conv (its other operand is cut per shard)."""
+        return any(n.op == "add" for n in self.nodes)
 
     @property
     def uniform(self) -> bool:
@@ -185,7 +203,9 @@ def make_plan(stages: list[Stage], max_shards: int = DEFAULT_MAX_SHARDS, per_cha
         else:
             shards = 1
         size = st.channels // shards if st.nodes else 0
-        shared = st.shardable and st.uniform
+        # one function for all shards needs the same lookup everywhere and nothing to slice but
+        # the weights (a join's other operand is sliced per shard, inside the shard's function)
+        shared = st.shardable and st.uniform and not st.joins
         own = tuple(f"{st.name}_{j}" for j in range(shards)) if shards > 1 and not shared else ()
         rows.append(StagePlan(st.name, tuple(st.inputs), in_parts, shards, size, st.lookups // shards, shared, own))
         shards_of[st.name] = shards

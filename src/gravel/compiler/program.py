@@ -75,12 +75,20 @@ def run_stage(stage: Stage, parts: list[Any], shards_of: dict[str, int], backend
         size = stage.channels // shard[0]
         cols = slice(shard[1] * size, (shard[1] + 1) * size)
     values = _split_parts(stage, parts, shards_of, backend)
+    path: set[str] = set()  # values holding only this shard's channels
     for node in stage.nodes:
         args = [values[i] for i in node.inputs]
         if node.op == "linear" and w is not None:
             values[node.name] = run_node(node, args, backend, w, b)
-        elif node.op == "lut" and cols is not None:
-            values[node.name] = run_node(_channel_slice(node, cols, stage.channels), args, backend)
+            path.add(node.name)
+        elif cols is not None and path & set(node.inputs):
+            # after the shard's Gemm/Conv: a lookup with its channels' parameters, or a join
+            # with the same channels of the other operand
+            args = [a if i in path else (a[cols] if backend.lead == 0 else a[:, cols])
+                    for i, a in zip(node.inputs, args)]
+            sliced = _channel_slice(node, cols, stage.channels) if node.op == "lut" else node
+            values[node.name] = run_node(sliced, args, backend)
+            path.add(node.name)
         else:
             values[node.name] = run_node(node, args, backend)
     return values[stage.output.name]
