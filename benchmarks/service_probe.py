@@ -308,8 +308,11 @@ def main() -> None:
         p.case = "inputs"
         client = model._client
         client.keys = keys._keys
-        wrong = frame(Kind.INPUT_CIPHERTEXT, model.digest, client.encrypt(
-            np.zeros(16, dtype=np.int64), None, None, function_name=manifest.stages[1]["name"])[0].serialize())
+        second = manifest.plan[1]  # a ciphertext encrypted for the second stage, not the input
+        placeholders = (None, None) if second.get("shardable") else ()
+        made = client.encrypt(np.zeros(16, dtype=np.int64), *placeholders, function_name=second["name"])
+        made = made[0] if isinstance(made, tuple) else made
+        wrong = frame(Kind.INPUT_CIPHERTEXT, model.digest, made.serialize())
         report["wrong_typed_job_status"] = p.http("POST", f"{url}/v1/sessions/{sid}/jobs", content=wrong,
                                                   headers=hdr).status_code
         batch = pack_batch(cts[: args.batch])
