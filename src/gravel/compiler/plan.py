@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from gravel.compiler.qgraph import QGraph, QNode
-from gravel.protocol.manifest import shard_columns
+from gravel.protocol.manifest import shard_columns, shard_function
 
 __all__ = ["DEFAULT_MAX_SHARDS", "ShardPlan", "Stage", "StagePlan", "make_plan", "partition", "shard_weights"]
 
@@ -166,7 +166,8 @@ class StagePlan:
         }
 
     def function(self, shard: int) -> str:
-        return self.functions[shard] if self.functions else self.name
+        """The backend function of shard `shard` (the rule is protocol.manifest.shard_function's)."""
+        return shard_function({"name": self.name, "functions": self.functions}, shard)
 
 
 @dataclass(frozen=True)
