@@ -24,7 +24,7 @@ import numpy as np
 from gravel.compiler.plan import INPUT, ShardPlan, Stage, shard_weights
 from gravel.compiler.qgraph import NumpyBackend, QGraph, QNode, TraceBackend, run_node
 from gravel.errors import ModelError
-from gravel.protocol.manifest import stage_arguments
+from gravel.protocol.manifest import shard_slice, stage_arguments
 
 __all__ = ["DEFAULT_P_ERROR", "FUSED", "compile_program", "fused_compatible", "input_compatible", "run_stage",
            "shard_outputs"]
@@ -72,8 +72,7 @@ def run_stage(stage: Stage, parts: list[Any], shards_of: dict[str, int], backend
     cols = None
     if shard is not None:
         w, b = shard_weights(stage, *shard)
-        size = stage.channels // shard[0]
-        cols = slice(shard[1] * size, (shard[1] + 1) * size)
+        cols = shard_slice(stage.channels, *shard)
     values = _split_parts(stage, parts, shards_of, backend)
     path: set[str] = set()  # values holding only this shard's channels
     for node in stage.nodes:

@@ -17,7 +17,7 @@ from gravel.errors import ArtifactError
 
 __all__ = [
     "BACKEND_FILES", "CLIENT_FILES", "FORMAT_VERSION", "INPUT", "SERVER_FILES", "Manifest", "file_sha256",
-    "load_manifest", "publish_directory", "shard_columns", "shard_function",
+    "load_manifest", "publish_directory", "shard_columns", "shard_function", "shard_slice",
     "stage_arguments",
 ]
 
@@ -122,6 +122,13 @@ def publish_directory(tmp: Path, out: Path) -> None:
         tmp.rename(out)
 
 
+def shard_slice(channels: int, shards: int, index: int) -> slice:
+    """The output channels of shard `index` of `shards`: equal contiguous slices, in order (the
+    next stage reads the shards' outputs concatenated)."""
+    size = channels // shards
+    return slice(index * size, (index + 1) * size)
+
+
 def shard_columns(weight: Any, bias: Any, shards: int, index: int) -> tuple[Any, Any]:
     """Shard `index` of `shards` of a stage: its contiguous slice of the weight's output columns
     and of the bias (channels first). The one rule the compiler's inputsets and the server share.
@@ -130,8 +137,7 @@ def shard_columns(weight: Any, bias: Any, shards: int, index: int) -> tuple[Any,
     clear arguments (a column slice gives wrong results without any error)."""
     import numpy as np
 
-    size = weight.shape[1] // shards
-    cols = slice(index * size, (index + 1) * size)
+    cols = shard_slice(weight.shape[1], shards, index)
     return (np.ascontiguousarray(weight[:, cols], dtype=np.int64),
             np.ascontiguousarray(bias[cols], dtype=np.int64))
 
