@@ -401,8 +401,14 @@ class RayExecutor:
         refs = [ray.put(parse_blob(ct, Kind.INPUT_CIPHERTEXT, self.digest)[0]) for ct in ciphertexts]
         trace = InferenceTrace(started=time.time(), mode="data-parallel")
         row = {"name": "whole", "shards": len(refs)}
-        out_refs = self._run_stage(session, [self._sessions[session]], FUSED_STAGE, row, refs, trace,
-                                   should_stop or (lambda: False), per_shard=True)
+        with self._lock:  # concurrent single requests see these in flight (choose_mode)
+            self._inflight += len(refs)
+        try:
+            out_refs = self._run_stage(session, [self._sessions[session]], FUSED_STAGE, row, refs, trace,
+                                       should_stop or (lambda: False), per_shard=True)
+        finally:
+            with self._lock:
+                self._inflight -= len(refs)
         outs = [frame(Kind.OUTPUT_CIPHERTEXT, self.digest, out) for out in ray.get(out_refs)]
         trace.finished = time.time()
         return outs, trace, "data-parallel"
