@@ -123,7 +123,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--admin-token", help="admin token (default: GRAVEL_ADMIN_TOKEN, else one written to DATA_DIR/admin.token)")
     p.add_argument("--executor", choices=["ray", "local"], help="ray (default; embedded unless --ray-address) or local")
     p.add_argument("--ray-address", help="join this Ray cluster (or set RAY_ADDRESS)")
-    p.add_argument("--workers", type=int, help="Ray workers per model (default: one per CPU)")
+    p.add_argument("--workers", type=int, help="Ray workers per model (default: one per CPU; a lone request runs sharded where "
+                        "the artifact has shards, overlapping requests run whole inferences side by side)")
     p.add_argument("--session-ttl", type=float, help="seconds an idle session is kept (default 86400)")
     p.set_defaults(func=cmd_serve)
 

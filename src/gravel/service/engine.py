@@ -192,7 +192,9 @@ class RayEngine:
                     self._inflight[model] = self._inflight.get(model, 0) + 1
                     return self._executors[model]
                 try:
-                    ex = RayExecutor(artifact, workers=self.workers, address=self.address)
+                    # a service serves many requests: a worker per CPU, so that overlapping
+                    # requests run whole side by side (the executor chooses per request)
+                    ex = RayExecutor(artifact, workers=self.slots, address=self.address)
                 except ClusterError:
                     idle = [m for m in self._executors if self._inflight.get(m, 0) == 0]
                     if not idle and not self._executors:
