@@ -165,6 +165,8 @@ def plot(result: dict, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from gravel.harness.scaling import plot_timeline
+
     rows = result["rows"]
     w = [r["workers"] for r in rows]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
@@ -173,14 +175,7 @@ def plot(result: dict, path: str) -> None:
     ax1.plot(w, w, "--", color="gray", label="ideal")
     ax1.set(xlabel=f"workers of {result['k']} cores", ylabel="speed-up", title=result["model"])
     ax1.legend()
-    trace = result["example_trace"]
-    t0 = min(s["submitted"] for s in trace["shards"])
-    stages = list(dict.fromkeys(s["stage"] for s in trace["shards"]))
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for s in trace["shards"]:
-        c = colors[stages.index(s["stage"]) % len(colors)]
-        ax2.barh(s["worker"], s["finished"] - s["started"], left=s["started"] - t0, color=c, edgecolor="k")
-    ax2.set(xlabel="seconds", ylabel="worker", title=f"one inference on {rows[-1]['workers']} workers")
+    plot_timeline(ax2, result["example_trace"], f"one inference on {rows[-1]['workers']} workers")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -313,12 +313,7 @@ class RayExecutor:
         deadline = time.time() + self.shard_timeout_s * len(plan)
 
         def drop_pending() -> None:
-            for _, _, worker, data in pending.values():
-                try:  # queued shards are dropped; a running one finishes on its own
-                    ray.cancel(data, force=False)
-                except Exception:  # noqa: BLE001 - best effort: it may have just finished
-                    pass
-                self._release(worker)
+            self._drop([(worker, data) for _, _, worker, data in pending.values()])
 
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1, timeout=max(0.0, min(STOP_POLL_S, deadline - time.time())))
@@ -362,6 +357,18 @@ class RayExecutor:
             if progress is not None:
                 progress(stage_index + 1, len(self.manifest.plan))
         return ray.get(outputs[self.manifest.plan[-1]["name"]][0])
+
+    def _drop(self, submitted: list[tuple[int, Any]]) -> None:
+        """Cancel shards still queued ((worker, data ref) pairs) and free their workers; a shard
+        already running finishes on its own."""
+        import ray
+
+        for worker, data in submitted:
+            try:
+                ray.cancel(data, force=False)
+            except Exception:  # noqa: BLE001 - best effort: it may have just finished
+                pass
+            self._release(worker)
 
     def _replace_dead(self, indices: set[int]) -> None:
         """Replace those of `indices` whose actor no longer answers a ping."""
@@ -442,12 +449,7 @@ class RayExecutor:
             wait_s = max(0.0, min(STOP_POLL_S, deadline - time.time()))
             ready, _ = ray.wait(list(pending), num_returns=1, timeout=wait_s)
             if not ready and stop():
-                for _, worker, data, _ in pending.values():
-                    try:  # queued shards are dropped; a running one finishes on its own
-                        ray.cancel(data, force=False)
-                    except Exception:  # noqa: BLE001 - best effort: it may have just finished
-                        pass
-                    self._release(worker)
+                self._drop([(worker, data) for _, worker, data, _ in pending.values()])
                 raise InferenceCancelled(f"inference cancelled during {row['name']}")
             if not ready and time.time() < deadline:
                 continue

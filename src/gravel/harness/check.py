@@ -55,9 +55,10 @@ def simulate(module: Any, compiled: Compiled, x: np.ndarray) -> np.ndarray:
             else:
                 for st, row in zip(stages, plan.stages):
                     parts = stage_arguments(row.to_json(), outputs)
-                    weights = [shard_weights(st, row.shards, j) for j in range(row.shards)] if row.shardable else [()]
-                    outputs[st.name] = [getattr(module, row.function(j if row.functions else 0)).simulate(*parts, *w)
-                                        for j, w in enumerate(weights * (len(row.functions) or 1))]
+                    outputs[st.name] = [
+                        getattr(module, row.function(j)).simulate(
+                            *parts, *(shard_weights(st, row.shards, j) if row.shardable else ()))
+                        for j in range(row.shards)]
         except ValueError:
             # a simulated lookup error left a value outside the next stage's input range,
             # which concrete refuses: count the sample as mispredicted (-1)

@@ -15,7 +15,7 @@ from gravel.compiler import QuantConfig, load_graph
 from gravel.data import Dataset
 from gravel.harness.common import ensure_artifact
 
-__all__ = ["bench_workers", "critical_path", "format_scaling", "plot_scaling"]
+__all__ = ["bench_workers", "critical_path", "format_scaling", "plot_scaling", "plot_timeline"]
 
 
 def critical_path(trace: InferenceTrace) -> tuple[float, int]:
@@ -128,6 +128,22 @@ def single_process_latency(manifest: Any, keys: Any, eval_keys: bytes, cts: list
             "cores": len(os.sched_getaffinity(0)), "latency_s": statistics.median(lat)}
 
 
+def plot_timeline(ax: Any, trace: dict[str, Any], title: str) -> None:
+    """One inference's shards as bars per worker, coloured by stage (an InferenceTrace's JSON)."""
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+
+    t0 = min(s["submitted"] for s in trace["shards"])
+    stages = list(dict.fromkeys(s["stage"] for s in trace["shards"]))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for s in trace["shards"]:
+        c = colors[stages.index(s["stage"]) % len(colors)]
+        ax.barh(s["worker"], s["finished"] - s["started"], left=s["started"] - t0, color=c, edgecolor="k")
+    ax.legend(handles=[Patch(color=colors[i % len(colors)], label=st) for i, st in enumerate(stages)])
+    ax.set_yticks(sorted({s["worker"] for s in trace["shards"]}))
+    ax.set(xlabel="seconds", ylabel="worker", title=title)
+
+
 def plot_scaling(result: dict[str, Any], path: str | Path) -> None:
     """Latency and speed-up against workers (with the ideal line), and one inference's timeline."""
     import matplotlib
@@ -146,19 +162,8 @@ def plot_scaling(result: dict[str, Any], path: str | Path) -> None:
     ax2.axhline(1.0, color="gray", ls=":", label="one process, all cores")
     ax2.set(xlabel="workers", ylabel="speed-up", title="Speed-up")
     ax2.legend()
-    trace = result["example_trace"]
-    if trace:
-        t0 = min(s["submitted"] for s in trace["shards"])
-        stages = list(dict.fromkeys(s["stage"] for s in trace["shards"]))
-        colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-        for s in trace["shards"]:
-            c = colors[stages.index(s["stage"]) % len(colors)]
-            ax3.barh(s["worker"], s["finished"] - s["started"], left=s["started"] - t0, color=c, edgecolor="k")
-        from matplotlib.patches import Patch
-
-        ax3.legend(handles=[Patch(color=colors[i % len(colors)], label=st) for i, st in enumerate(stages)])
-        ax3.set_yticks(sorted({s["worker"] for s in trace["shards"]}))
-        ax3.set(xlabel="seconds", ylabel="worker", title=f"One inference ({rows[-1]['workers']} workers)")
+    if result["example_trace"]:
+        plot_timeline(ax3, result["example_trace"], f"One inference ({rows[-1]['workers']} workers)")
     fig.suptitle(f"{result['model']}: {result['pbs_count']} PBS, shards {result['shards']}")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
