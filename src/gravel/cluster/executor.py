@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import hashlib
 import os
-import socket
 import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
 
+from gravel.cluster.connect import connect
 from gravel.cluster.trace import InferenceTrace, ShardRecord
 from gravel.errors import ClusterError, InferenceCancelled, KeyMismatchError
 from gravel.protocol import Kind, frame, load_manifest, unframe
@@ -44,19 +44,6 @@ class _ShardLost(Exception):
     def __init__(self, workers: set[int]) -> None:
         super().__init__(f"a shard failed on one of workers {sorted(workers)}")
         self.workers = workers
-
-
-def _check_address(address: str) -> None:
-    """Fail in seconds, not minutes, on an address where no Ray head listens."""
-    if address in ("auto", "local") or address.startswith("ray://"):
-        return
-    host, _, port = address.rpartition(":")
-    if not host or not port.isdigit():
-        raise ClusterError(f"Ray address {address!r} is not HOST:PORT")
-    try:
-        socket.create_connection((host, int(port)), timeout=3).close()
-    except OSError as exc:
-        raise ClusterError(f"no Ray cluster answers at {address} ({exc.strerror or exc})") from exc
 
 
 class RayExecutor:
@@ -86,17 +73,7 @@ class RayExecutor:
         self.manifest = load_manifest(artifact, role="server")
         self.digest = self.manifest.digest
         self.shard_timeout_s = shard_timeout_s
-        address = address or os.environ.get("RAY_ADDRESS") or None
-        if address:
-            _check_address(address)
-        if not ray.is_initialized():
-            try:
-                ray.init(address=address, include_dashboard=False, log_to_driver=False,
-                         configure_logging=False)
-            except ConnectionError as exc:
-                raise ClusterError(f"cannot join the Ray cluster at {address}: {exc}") from exc
-        cpus = int(ray.cluster_resources().get("CPU", 0))
-        node_cpus = [int(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n.get("Alive")] or [cpus]
+        cpus, node_cpus = connect(address)
         widest = max(row["shards"] for row in self.manifest.plan)
         workers = workers or max(1, min(widest, cpus))
         if threads_per_worker is None:
