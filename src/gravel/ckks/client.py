@@ -42,6 +42,7 @@ class CkksClient:
             self.single_period = int(spec["single"]["period"])
             self.single_shift = int(spec["single"]["shift"])
             self.block = int(spec["batch"]["block"])
+            self.batch_complex = bool(spec["batch"].get("complex", False))
             self.batch_steps = [int(s) for s in spec["batch"]["rotation_steps"]]
         except (KeyError, TypeError, ValueError) as exc:
             raise ArtifactError(f"CKKS client spec: malformed ({exc}); recompile the model") from None
@@ -63,7 +64,8 @@ class CkksClient:
             if mode not in ("single", "batch"):
                 raise InputError(f"unknown CKKS mode {mode!r}: single or batch")
             steps.update(self.single_steps if mode == "single" else self.batch_steps)
-        self.context = SecretContext.create(self.params, sorted(steps))
+        conjugate = "batch" in modes and self.batch_complex
+        self.context = SecretContext.create(self.params, sorted(steps), conjugate=conjugate)
         self._ev = Evaluator(self.context)
         self.modes = tuple(modes)
 
@@ -111,13 +113,19 @@ class CkksClient:
                 chunks = -(-self.n_in // slots)
                 vecs = [flat[0, c * slots:(c + 1) * slots] for c in range(chunks)]
         else:
+            if self.batch_complex:  # feature j in the real part, j + half in the imaginary part
+                half = -(-self.n_in // 2)
+                pad = np.zeros((len(flat), 2 * half))
+                pad[:, :self.n_in] = flat
+                flat = pad[:, :half] + 1j * pad[:, half:]
             per = slots // self.block
-            chunks = -(-self.n_in // per)
+            width = flat.shape[1]
+            chunks = -(-width // per)
             vecs = []
             for g in range(0, len(flat), self.block):
                 part = flat[g:g + self.block]
-                layout = samples_layout(len(part), self.n_in, slots, self.block)
-                buf = np.zeros(chunks * slots)
+                layout = samples_layout(len(part), width, slots, self.block)
+                buf = np.zeros(chunks * slots, dtype=flat.dtype)
                 buf[layout.ravel()] = part.ravel()
                 vecs += [buf[c * slots:(c + 1) * slots] for c in range(chunks)]
         cts = [ev.encrypt(v) for v in vecs]

@@ -24,7 +24,7 @@ import numpy as np
 
 from gravel.ckks.params import choose_params, max_depth
 from gravel.ckks.polyfit import ActPoly, polynomial_for
-from gravel.ckks.program import CkksProgram, Stage, batch_rotation_steps, single_plan
+from gravel.ckks.program import CkksProgram, Stage, batch_rotation_steps, choose_block, single_plan
 from gravel.compiler.ir import Graph, Node, evaluate
 from gravel.compiler.passes import Pass, run_passes
 from gravel.errors import DepthError, ModelError
@@ -41,12 +41,15 @@ class CkksOptions:
     """How to compile for CKKS. `degree` None: try 2, 3, 4 for non-polynomial activations and
     keep the lowest whose accuracy loss (or disagreement, without labels) is at most
     `max_loss`. `precision_bits`: bits after the binary point wanted at the output.
-    `batch_block`: slots per feature in the SIMD packing (the largest batch in one group)."""
+    `batch_size`: the batch the SIMD packing is planned for; `batch_block`: samples per feature
+    in one block of slots (a group), None: the cheapest for `batch_size` by the cost model of
+    `gravel.ckks.program.batch_cost`. Any batch runs, in groups of `batch_block`."""
 
     degree: int | None = None
     max_loss: float = 0.01
     precision_bits: int = 11
-    batch_block: int = 1024
+    batch_size: int = 1000
+    batch_block: int | None = None
 
 
 @dataclass
@@ -301,13 +304,20 @@ def plan_program(program: CkksProgram, options: CkksOptions, max_abs_output: flo
             f"of precision: use fewer layers or lower-degree activations ({exc})"
         ) from None
     slots = params.slots
-    block = 1 << (max(1, min(options.batch_block, slots)) - 1).bit_length()
+    # complex packing of the batch input halves the first matrix's work (its weights multiply
+    # two features per slot; one conjugation per output takes the real part); it needs the
+    # first stage to be a matrix (an activation on the packed input would mix the two)
+    program.batch_complex = program.stages[0].weight is not None and program.n_in > 1
+    if options.batch_block is None:
+        block = choose_block(program, slots, options.batch_size)
+    else:
+        block = min(1 << (max(1, min(options.batch_block, slots)) - 1).bit_length(), slots)
     plan = single_plan(program, slots)
     program.params = params
-    program.block = min(block, slots)
+    program.block = block
     program.single_steps = plan.rotation_steps(slots)
     program.single_kind, program.single_period, program.single_shift = plan.kind, plan.period, plan.shift
-    program.batch_steps = batch_rotation_steps(slots, program.block)
+    program.batch_steps = batch_rotation_steps(program, slots, program.block)
     program.output_slots = plan.output_slots
     return program
 

@@ -158,6 +158,14 @@ class _KeyedContext:
     def galois_elt(self, step: int) -> int:
         return int(self._galois_tool.get_elt_from_step(int(step)))
 
+    @property
+    def conjugation_elt(self) -> int:
+        """SEAL's Galois element of complex conjugation (2N - 1)."""
+        return 2 * self.params.poly_modulus_degree - 1
+
+    def has_conjugation(self) -> bool:
+        return self.galois_keys is not None and bool(self.galois_keys.has_key(self.conjugation_elt))
+
     def has_rotation(self, step: int) -> bool:
         step = _normalize_steps([step], self.slots)
         if not step:
@@ -226,9 +234,11 @@ class SecretContext(_KeyedContext):
         cls,
         params: CkksParams,
         rotation_steps: Iterable[int] | str | None = POWER_OF_TWO,
+        conjugate: bool = False,
     ) -> SecretContext:
         """New keys for `params`: secret, public, relinearisation, and Galois keys for
-        `rotation_steps` (a list of steps, POWER_OF_TWO for any rotation, None for none)."""
+        `rotation_steps` (a list of steps, POWER_OF_TWO for any rotation, None for none) and,
+        with `conjugate`, for complex conjugation (what the batch path's complex packing needs)."""
         if not isinstance(params, CkksParams):
             raise InputError("SecretContext.create needs CkksParams (see gravel.ckks.choose_params)")
         if rotation_steps == POWER_OF_TWO:
@@ -254,16 +264,18 @@ class SecretContext(_KeyedContext):
                            save_galois_keys=False, save_relin_keys=False)
         )
         proto.public_context.relin_keys = to_bytes(keygen.create_relin_keys())
-        if steps:
-            tool = sc.key_context_data().galois_tool()
-            elts = sorted({int(tool.get_elt_from_step(s)) for s in steps})
-            proto.public_context.galois_keys = to_bytes(keygen.create_galois_keys(elts))
+        tool = sc.key_context_data().galois_tool()
+        elts = {int(tool.get_elt_from_step(s)) for s in steps}
+        if conjugate:
+            elts.add(2 * params.poly_modulus_degree - 1)
+        if elts:
+            proto.public_context.galois_keys = to_bytes(keygen.create_galois_keys(sorted(elts)))
         meta = {"format": _FORMAT, "params": params.to_json(), "rotation_steps": list(steps)}
         payload = _join_meta(meta, proto.SerializeToString())
         # The secret context evaluates with exactly the keys it hands out: load them back.
         relin = load_into(sealapi.RelinKeys(), sc, proto.public_context.relin_keys)
         galois = (
-            load_into(sealapi.GaloisKeys(), sc, proto.public_context.galois_keys) if steps else None
+            load_into(sealapi.GaloisKeys(), sc, proto.public_context.galois_keys) if elts else None
         )
         ctx = cls(params, tctx, steps, payload)
         ctx.relin_keys, ctx.galois_keys = relin, galois

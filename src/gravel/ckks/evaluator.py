@@ -83,8 +83,11 @@ class Evaluator:
     def slots(self) -> int:
         return self.context.slots
 
-    def _vector(self, values: Any) -> list[float]:
-        arr = np.asarray(values, dtype=np.float64).ravel()
+    def _vector(self, values: Any) -> list[float] | list[complex]:
+        """Values as SEAL's encoder takes them: real, or complex where any value is (two reals
+        in one slot: the batch path's input packing)."""
+        arr = np.asarray(values)
+        arr = arr.astype(np.complex128 if np.iscomplexobj(arr) else np.float64).ravel()
         if arr.size > self.slots:
             raise InputError(f"{arr.size} values do not fit in {self.slots} slots")
         if not np.all(np.isfinite(arr)):
@@ -349,6 +352,17 @@ class Evaluator:
                 "the keys with the rotation steps the computation needs"
             )
         return best
+
+    def conjugate(self, a: Ciphertext) -> Ciphertext:
+        """Complex conjugate of every slot (a key switch, like a rotation): a + conj(a) is twice
+        the real part."""
+        self._own(a)
+        if not self.context.has_conjugation():
+            raise KeyMismatchError("complex conjugation needs its Galois key; these keys have none: "
+                                   "make the keys with this model's client spec")
+        out = sealapi.Ciphertext()
+        self._sealev.complex_conjugate(a.seal, self.context.galois_keys, out)
+        return self._wrap(out)
 
     def rotate(self, a: Ciphertext, step: int) -> Ciphertext:
         """Slot i of the result is slot (i + step) mod slots of `a` (a left rotation)."""

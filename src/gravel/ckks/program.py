@@ -40,7 +40,8 @@ from gravel.ckks.packing import contiguous_layout, matmul_map, samples_layout
 from gravel.ckks.params import CkksParams
 from gravel.errors import ArtifactError, InputError
 
-__all__ = ["CkksProgram", "SinglePlan", "Stage", "batch_rotation_steps", "single_plan"]
+__all__ = ["CkksProgram", "SinglePlan", "Stage", "batch_cost", "batch_matrices", "batch_ops", "batch_rotation_steps",
+           "choose_block", "simd_matrix", "single_plan"]
 
 
 @dataclass
@@ -73,6 +74,7 @@ class CkksProgram:
     single_kind: str = "contiguous"  # one image: "replicated" or "contiguous" (see single_plan)
     single_period: int = 0
     single_shift: int = 0  # replicated: replica r of the input is rotated by shift * r
+    batch_complex: bool = False  # batch: features j and j + n_batch_in share a slot (re, im)
 
     @property
     def n_in(self) -> int:
@@ -88,6 +90,11 @@ class CkksProgram:
     @property
     def depth(self) -> int:
         return sum(st.depth for st in self.stages)
+
+    @property
+    def n_batch_in(self) -> int:
+        """Slots per sample of the batch input: half the features with complex packing."""
+        return -(-self.n_in // 2) if self.batch_complex else self.n_in
 
     def simulate(self, x: np.ndarray) -> np.ndarray:
         """The program in float64 on a batch (N, *input_shape): what decryption should give,
@@ -127,7 +134,7 @@ class CkksProgram:
             "single": {"layout": self.single_kind, "period": self.single_period,
                        "shift": self.single_shift,
                        "rotation_steps": list(self.single_steps), "output_slots": list(self.output_slots)},
-            "batch": {"layout": "samples", "block": self.block,
+            "batch": {"layout": "samples", "block": self.block, "complex": self.batch_complex,
                       "rotation_steps": list(self.batch_steps)},
         }
 
@@ -152,7 +159,7 @@ class CkksProgram:
                        [int(s) for s in client["batch"]["rotation_steps"]],
                        [int(s) for s in client["single"]["output_slots"]],
                        str(client["single"]["layout"]), int(client["single"]["period"]),
-                       int(client["single"]["shift"]))
+                       int(client["single"]["shift"]), bool(client["batch"].get("complex", False)))
         except (KeyError, TypeError, ValueError) as exc:
             raise ArtifactError(f"CKKS program: malformed ({type(exc).__name__}: {exc}); recompile") from None
         if prog.depth != int(program.get("depth", -1)) or prog.depth > prog.params.depth:
@@ -284,25 +291,123 @@ def single_plan(program: CkksProgram, slots: int,
                       [int(v) for v in layout.ravel()])
 
 
-def batch_rotation_steps(slots: int, block: int) -> list[int]:
-    """SIMD across images: the block offsets a matrix rotates its partial sums by. Up to 16
-    blocks per ciphertext, a key for each offset; beyond, keys for +-2^i blocks only (each
-    offset then composes from a few of them) so that the key set stays small."""
+def batch_matrices(program: CkksProgram, slots: int, block: int) -> list[tuple[int, int, int]]:
+    """Per matrix of the batch path: (input chunks, output chunks, baby steps b). Output chunk
+    oc sums, over the per = slots / block block offsets k = b * j + i, products of input chunks
+    rotated by i blocks (b - 1 rotations of each input, shared by every output) then rotated by
+    b * j blocks (per / b - 1 rotations of each output): b, a power of two dividing per, makes
+    the fewest rotations."""
     per = slots // block
-    if per <= 16:
-        wanted = [k * block for k in range(1, per)]
-    else:
-        wanted = []
-        k = 1
-        while k < per:
-            wanted += [k * block, -k * block]
-            k *= 2
+    out = []
+    for st in program.stages:
+        if st.weight is None:
+            continue
+        n_out, n_in = st.weight.shape
+        if not out and program.batch_complex:
+            n_in = program.n_batch_in
+        ic, oc = -(-n_in // per), -(-n_out // per)
+        b = min((1 << e for e in range(per.bit_length()) if 1 << e <= per),
+                key=lambda v: (ic * (v - 1) + oc * (per // v - 1), v))
+        out.append((ic, oc, b))
+    return out
+
+
+def batch_rotation_steps(program: CkksProgram, slots: int, block: int) -> list[int]:
+    """SIMD across images: the block offsets of every matrix's baby and giant steps (see
+    `batch_matrices`), each a Galois key of its own (about 2 sqrt(per) per matrix)."""
+    wanted = set()
+    per = slots // block
+    for _, _, b in batch_matrices(program, slots, block):
+        wanted.update(i * block for i in range(1, b))
+        wanted.update(b * j * block for j in range(1, per // b))
     out = set()
     for step in wanted:
         s = step % slots
         if s:
             out.add(s if s <= slots // 2 else s - slots)
     return sorted(out)
+
+
+# Costs of the batch path's operations at N=8192 on the top level (ms, measured on the 2-core
+# development VM with SEAL through TenSEAL, in the batch loop): encoding a plaintext vector, a
+# plaintext product with its accumulation (memory-bound: a ciphertext is 786 kB), one
+# key-switched rotation, one square with relinearisation and rescale. Only their ratios steer
+# `choose_block`.
+_COST_ENCODE, _COST_PRODUCT, _COST_ROTATE, _COST_SQUARE = 1.07, 0.67, 7.4, 4.0
+
+
+def simd_matrix(weight: np.ndarray, per: int, packed: bool = False) -> np.ndarray:
+    """A matrix as the batch path applies it, T[oc, k, ic, po]: the weight that output
+    oc * per + po takes from input ic * per + (po + k) % per (block offset k). `packed`: the
+    input holds features j and j + h in one complex slot; the weights become
+    (w_j - i w_{j+h}) / 2, whose product's real part sums both (taken as s + conj(s))."""
+    n_out, n_in = weight.shape
+    w = np.asarray(weight, dtype=np.float64)
+    if packed:
+        half = -(-n_in // 2)
+        wide = np.zeros((n_out, 2 * half))
+        wide[:, :n_in] = w
+        w, n_in = (wide[:, :half] - 1j * wide[:, half:]) / 2, half
+    ic, oc = -(-n_in // per), -(-n_out // per)
+    padded = np.zeros((oc * per, ic * per), dtype=w.dtype)
+    padded[:n_out, :n_in] = w
+    po, k = np.arange(per), np.arange(per)
+    cols = (np.arange(ic)[None, :, None] * per + (po[None, None, :] + k[:, None, None]) % per)  # (k, ic, po)
+    rows = np.arange(oc)[:, None, None, None] * per + po[None, None, None, :]  # (oc, 1, 1, po)
+    return padded[rows, cols[None]]
+
+
+def batch_ops(program: CkksProgram, slots: int, block: int, batch: int) -> dict[str, int]:
+    """What the server does for one batch of `batch` samples packed `block` per feature
+    (CkksServer.batch), counted from the weights: a matrix encodes one plaintext per
+    (output chunk, block offset, input chunk) with a nonzero weight, once, and multiplies it
+    into every group; rotations as `batch_matrices` plans them (a giant step whose sum is
+    empty is skipped), plus one conjugation per output of a complex-packed first matrix; an
+    activation squares each of its ciphertexts once per level."""
+    per = slots // block
+    groups = -(-batch // block)
+    ops = {"encodes": 0, "products": 0, "rotations": 0, "squares": 0}
+    mats = iter(batch_matrices(program, slots, block))
+    width = program.n_in
+    for k, st in enumerate(program.stages):
+        if st.weight is not None:
+            ic, oc, b = next(mats)
+            packed = k == 0 and program.batch_complex
+            nonzero = np.any(simd_matrix(st.weight, per, packed) != 0, axis=3)  # (oc, per, ic)
+            encodes = int(nonzero.sum())
+            giants = nonzero.reshape(oc, per // b, b * ic).any(axis=2)[:, 1:].sum()
+            ops["encodes"] += encodes
+            ops["products"] += encodes * groups
+            ops["rotations"] += groups * (ic * (b - 1) + int(giants))
+            if packed:
+                ops["rotations"] += groups * int(nonzero.reshape(oc, -1).any(axis=1).sum())
+            width = int(st.weight.shape[0])
+        if st.poly is not None:
+            ops["squares"] += groups * -(-width // per) * polyval_depth(list(st.poly))
+    return ops
+
+
+def batch_cost(program: CkksProgram, slots: int, block: int, batch: int) -> float:
+    """Modelled server time (ms, see the constants above) of `batch_ops`. Small blocks make
+    fewer plaintexts, each reused by more groups, but more groups to rotate."""
+    ops = batch_ops(program, slots, block, batch)
+    return (ops["encodes"] * _COST_ENCODE + ops["products"] * _COST_PRODUCT
+            + ops["rotations"] * _COST_ROTATE + ops["squares"] * _COST_SQUARE)
+
+
+MAX_BLOCKS = 256  # blocks per ciphertext: keys grow as 2 sqrt(blocks) per matrix
+
+
+def choose_block(program: CkksProgram, slots: int, batch: int) -> int:
+    """The block (samples per feature, a power of two) that `batch_cost` finds cheapest for
+    batches of `batch` samples, among blocks of at least slots / MAX_BLOCKS slots (so that
+    the rotation keys stay few) and at most the batch; ties go to the larger block."""
+    if batch < 1:
+        raise InputError(f"a batch needs at least one sample, got {batch}")
+    low = max(1, slots // MAX_BLOCKS)
+    top = max(low, min(_pow2(batch), slots))
+    candidates = [1 << e for e in range(low.bit_length() - 1, top.bit_length())]
+    return min(reversed(candidates), key=lambda blk: batch_cost(program, slots, blk, batch))
 
 
 def batch_layout(program: CkksProgram, n: int, features: int, slots: int) -> np.ndarray:

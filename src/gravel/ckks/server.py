@@ -8,20 +8,22 @@ than the artifact's are refused before any work starts, naming what is wrong.
 One image (mode "single"): every stage's matrix by the diagonal method (LinearMap, BSGS
 rotations), whose encoded diagonals are kept after the first call. A batch (mode "batch"):
 SIMD across images; each matrix costs one plaintext product per (input ciphertext, output
-ciphertext, block offset), encoded as it is used (a batch's diagonals would not fit in memory).
+ciphertext, block offset), encoded as it is used (a batch's diagonals would not fit in memory)
+and shared by every group of the batch.
 """
 
 from __future__ import annotations
 
+from itertools import pairwise
 from typing import Any
 
 import numpy as np
 
-from gravel.ckks.blob import dump_ciphertexts, load_ciphertexts
+from gravel.ckks.blob import blob_parts, dump_ciphertexts, join_parts, load_ciphertexts
 from gravel.ckks.ciphertext import Ciphertext
 from gravel.ckks.context import PublicContext
 from gravel.ckks.evaluator import Evaluator
-from gravel.ckks.program import CkksProgram, single_plan
+from gravel.ckks.program import CkksProgram, batch_matrices, simd_matrix, single_plan
 from gravel.errors import InputError, KeyMismatchError
 from gravel.protocol.framing import Kind, frame, unframe
 
@@ -62,6 +64,11 @@ class CkksServer:
                 f"CKKS keys for parameters {ctx.params.to_json()}, this model needs "
                 f"{self.program.params.to_json()}: make the keys from this model's artifact"
             )
+        if "batch" in modes and self.program.batch_complex and not ctx.has_conjugation():
+            raise KeyMismatchError(
+                "CKKS evaluation keys lack the complex-conjugation key that batch inference of "
+                "this model needs: generate the keys with this model's client spec"
+            )
         for mode in modes:
             steps = self.program.single_steps if mode == "single" else self.program.batch_steps
             missing = [s for s in steps if not ctx.has_rotation(s)]
@@ -93,16 +100,54 @@ class CkksServer:
                 raise InputError(f"CKKS input: {len(cts)} ciphertexts for one image, expected {per}")
             out = self.single(ev, cts)
         else:
-            per = -(-self.program.n_in // (self.slots // self.program.block))
+            per = -(-self.program.n_batch_in // (self.slots // self.program.block))
             groups = -(-n // self.program.block)
             if len(cts) != per * groups:
                 raise InputError(f"CKKS input: {len(cts)} ciphertexts for {n} samples, expected "
                                  f"{per * groups} ({groups} group(s) of {per})")
-            out = []
-            for g in range(groups):
-                size = min(self.program.block, n - g * self.program.block)
-                out += self.batch(ev, cts[g * per:(g + 1) * per], size)
+            sizes = [min(self.program.block, n - g * self.program.block) for g in range(groups)]
+            outs = self.batch(ev, [cts[g * per:(g + 1) * per] for g in range(groups)], sizes)
+            out = [ct for group in outs for ct in group]
         body = dump_ciphertexts(ctx, out, {"mode": mode, "n": n})
+        return frame(Kind.OUTPUT_CIPHERTEXT, self.digest, body)
+
+    # -- a batch across workers (byte level: the driver needs no keys) ---------------------
+    def split_batch(self, data: bytes, parts: int) -> list[bytes]:
+        """A batch input blob as at most `parts` input blobs of whole groups, in order, each
+        for `run` on another worker; one image or one group stays whole. Only framing and
+        counts are checked here: each worker's `run` checks its part in full."""
+        payload = unframe(bytes(data), Kind.INPUT_CIPHERTEXT, self.digest, what="CKKS input")
+        ctx_digest, head, extra, blobs = blob_parts(payload, what="CKKS input")
+        mode, n, block = head.get("mode"), head.get("n"), self.program.block
+        if mode != "batch" or not isinstance(n, int) or n <= block or parts < 2:
+            return [bytes(data)]
+        per = -(-self.program.n_batch_in // (self.slots // block))
+        groups = -(-n // block)
+        if len(blobs) != per * groups:
+            raise InputError(f"CKKS input: {len(blobs)} ciphertexts for {n} samples, expected "
+                             f"{per * groups} ({groups} group(s) of {per})")
+        out = []
+        bounds = np.linspace(0, groups, min(parts, groups) + 1).round().astype(int)
+        for lo, hi in pairwise(bounds):
+            size = min(n, hi * block) - lo * block
+            body = join_parts(ctx_digest, blobs[lo * per:hi * per], {"mode": "batch", "n": int(size)}, extra)
+            out.append(frame(Kind.INPUT_CIPHERTEXT, self.digest, body))
+        return out
+
+    def merge_outputs(self, replies: list[bytes]) -> bytes:
+        """The output blobs of `split_batch`'s parts, in order, as one output blob."""
+        if len(replies) == 1:
+            return bytes(replies[0])
+        digests, blobs, n = set(), [], 0
+        for reply in replies:
+            payload = unframe(bytes(reply), Kind.OUTPUT_CIPHERTEXT, self.digest, what="CKKS output")
+            ctx_digest, head, _, cts = blob_parts(payload, what="CKKS output")
+            digests.add(ctx_digest)
+            blobs += cts
+            n += int(head.get("n", 0))
+        if len(digests) != 1:
+            raise KeyMismatchError("CKKS outputs of one batch made under different keys")
+        body = join_parts(digests.pop(), blobs, {"mode": "batch", "n": n})
         return frame(Kind.OUTPUT_CIPHERTEXT, self.digest, body)
 
     def _single_in_chunks(self) -> int:
@@ -124,60 +169,89 @@ class CkksServer:
                 cts = [ev.polyval(ct, st.poly, op=f"activation after {st.source or '?'}") for ct in cts]
         return cts
 
-    def batch(self, ev: Evaluator, cts: list[Ciphertext], n: int) -> list[Ciphertext]:
-        """Up to `block` samples, SIMD (feature j of every sample in one block of slots)."""
-        block, slots = self.program.block, self.slots
-        per = slots // block
-        mask = np.zeros(block)
-        mask[:n] = 1.0
-        for st in self.program.stages:
+    def batch(self, ev: Evaluator, groups: list[list[Ciphertext]],
+              sizes: list[int]) -> list[list[Ciphertext]]:
+        """Groups of up to `block` samples, SIMD (feature j of every sample of a group in one
+        block of slots), every group through each stage together: each plaintext is encoded
+        once and multiplies the matching ciphertext of every group (encoding costs more than a
+        product, so a batch of several groups pays it once)."""
+        block = self.program.block
+        if len(groups) != len(sizes) or any(not 1 <= s <= block for s in sizes):
+            raise InputError(f"CKKS batch: group sizes {sizes} do not fit blocks of {block}")
+        mats = iter(batch_matrices(self.program, self.slots, block))
+        for k, st in enumerate(self.program.stages):
             if st.weight is not None:
-                cts = self._simd_linear(ev, cts, st.weight, st.bias, mask, per)
+                _, _, baby = next(mats)
+                packed = k == 0 and self.program.batch_complex
+                groups = self._simd_linear(ev, groups, st.weight, st.bias, sizes, baby, packed)
             if st.poly is not None:
-                cts = [ev.polyval(ct, st.poly, op=f"activation after {st.source or '?'}") for ct in cts]
-        return cts
+                op = f"activation after {st.source or '?'}"
+                groups = [[ev.polyval(ct, st.poly, op=op) for ct in cts] for cts in groups]
+        return groups
 
-    def _simd_linear(self, ev: Evaluator, cts: list[Ciphertext], w: np.ndarray, bias: np.ndarray,
-                     mask: np.ndarray, per: int) -> list[Ciphertext]:
-        block = len(mask)
-        n_out, n_in = w.shape
-        in_chunks, out_chunks = len(cts), -(-n_out // per)
-        padded = np.zeros((out_chunks * per, in_chunks * per))
-        padded[:n_out, :n_in] = w
-        cts = ev.align(*cts)
-        level = cts[0].level
+    def _simd_linear(self, ev: Evaluator, groups: list[list[Ciphertext]], w: np.ndarray,
+                     bias: np.ndarray, sizes: list[int], baby: int,
+                     packed: bool = False) -> list[list[Ciphertext]]:
+        """y = W x + b on every group. Output chunk oc, block po reads input block
+        (po + k) % per of every input chunk: out = sum_k rot_k(V_k * x) over block offsets k,
+        computed as sum_j rot_{baby j}(sum_i U_{baby j + i} * rot_i(x)) (baby-step giant-step;
+        U is V rotated by i blocks, in the clear). Slots past a group's last sample hold zeros
+        (the client's padding) and keep them: the weights have no mask, the bias is added only
+        where samples are. `packed`: a complex-packed input (see `simd_matrix`)."""
+        block = self.program.block
+        per = self.slots // block
+        n_out = w.shape[0]
+        table = simd_matrix(w, per, packed)  # (out chunks, block offsets, in chunks, per)
+        in_chunks, out_chunks = len(groups[0]), table.shape[0]
+        if table.shape[2] != in_chunks:
+            raise InputError(f"CKKS batch: {in_chunks} input ciphertexts per group, the matrix "
+                             f"reads {table.shape[2]}")
+        flat = ev.align(*[ct for cts in groups for ct in cts])
+        level = flat[0].level
         ev._need(level, 1, "a matrix on a batch")
+        # rotated[g][ic][i]: input chunk ic of group g rotated left by i blocks
+        rotated = [[[ct] + [ev.rotate(ct, i * block) for i in range(1, baby)]
+                    for ct in flat[g * in_chunks:(g + 1) * in_chunks]] for g in range(len(groups))]
         sealev = ev.context.evaluator
-        po = np.arange(per)
-        outs = []
+        b = np.zeros(out_chunks * per)
+        b[:n_out] = bias
+        outs: list[list[Ciphertext]] = [[] for _ in groups]
         for oc in range(out_chunks):
-            total = None
-            for k in range(per):
-                # out block po of chunk oc reads in block (po + k) % per of every input chunk
-                rows = oc * per + po
-                weights = padded[rows[None, :], (np.arange(in_chunks)[:, None] * per
-                                                 + (po[None, :] + k) % per)]  # (in_chunks, per)
-                inner = None
-                for ic in np.flatnonzero(np.any(weights != 0, axis=1)):
-                    vec = np.roll((weights[ic][:, None] * mask[None, :]).ravel(), k * block)
-                    prod = ev.mul_encoded(cts[ic], ev.encode_for_product(vec, level), rescale=False)
-                    if inner is None:
-                        inner = prod
+            totals: list[Any] = [None] * len(groups)
+            for j in range(per // baby):
+                inner: list[Any] = [None] * len(groups)
+                for i in range(baby):
+                    weights = table[oc, baby * j + i]  # (in_chunks, per)
+                    for ic in np.flatnonzero(np.any(weights != 0, axis=1)):
+                        vec = np.roll(np.repeat(weights[ic], block), baby * j * block)
+                        plain = ev.encode_for_product(vec, level)
+                        for g in range(len(groups)):
+                            prod = ev.mul_encoded(rotated[g][ic][i], plain, rescale=False)
+                            if inner[g] is None:
+                                inner[g] = prod
+                            else:
+                                sealev.add_inplace(inner[g].seal, prod.seal)
+                for g in range(len(groups)):
+                    if inner[g] is None:
+                        continue
+                    part = ev.rotate(inner[g], baby * j * block) if j else inner[g]
+                    if totals[g] is None:
+                        totals[g] = part
                     else:
-                        sealev.add_inplace(inner.seal, prod.seal)
-                if inner is None:
-                    continue
-                if k:
-                    inner = ev.rotate(inner, k * block)
-                if total is None:
-                    total = inner
-                else:
-                    sealev.add_inplace(total.seal, inner.seal)
-            out = ev.zeros(level - 1) if total is None else ev.rescale(total.seal)
-            b = np.zeros(out_chunks * per)
-            b[:n_out] = bias
-            bvec = (b[oc * per:(oc + 1) * per][:, None] * mask[None, :]).ravel()
-            outs.append(ev.add_plain(out, bvec) if np.any(bvec) else out)
+                        sealev.add_inplace(totals[g].seal, part.seal)
+            bias_vec: dict[int, np.ndarray] = {}
+            chunk_bias = b[oc * per:(oc + 1) * per]
+            for g, size in enumerate(sizes):
+                if packed and totals[g] is not None:
+                    sealev.add_inplace(totals[g].seal, ev.conjugate(totals[g]).seal)
+                out = ev.zeros(level - 1) if totals[g] is None else ev.rescale(totals[g].seal)
+                if np.any(chunk_bias):
+                    if size not in bias_vec:
+                        mask = np.zeros(block)
+                        mask[:size] = 1.0
+                        bias_vec[size] = (chunk_bias[:, None] * mask[None, :]).ravel()
+                    out = ev.add_plain(out, bias_vec[size])
+                outs[g].append(out)
         return outs
 
     def _bias_vectors(self, st: Any, layout: np.ndarray) -> list[np.ndarray | None]:

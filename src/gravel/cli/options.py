@@ -74,8 +74,11 @@ def add_backend_options(p: argparse.ArgumentParser) -> None:
                         "(default: the lowest of 2-4 that costs at most 1 point on the calibration set)")
     g.add_argument("--precision-bits", type=int, default=d.precision_bits,
                    help=f"ckks: bits after the binary point wanted at the output (default {d.precision_bits})")
+    g.add_argument("--batch-size", type=int, default=d.batch_size,
+                   help=f"ckks: the batch size the SIMD packing is planned for (default {d.batch_size})")
     g.add_argument("--batch-block", type=int, default=d.batch_block,
-                   help=f"ckks: samples per SIMD group in batched inference (default {d.batch_block})")
+                   help="ckks: samples per SIMD group in batched inference (default: the cheapest "
+                        "for --batch-size by the compiler's cost model)")
 
 
 def ckks_options(args: argparse.Namespace) -> Any:
@@ -83,4 +86,4 @@ def ckks_options(args: argparse.Namespace) -> Any:
     from gravel.ckks.compile import CkksOptions
 
     return CkksOptions(degree=args.poly_degree, precision_bits=args.precision_bits,
-                       batch_block=args.batch_block)
+                       batch_size=args.batch_size, batch_block=args.batch_block)
