@@ -125,10 +125,16 @@ def cmd_bench(args: argparse.Namespace) -> None:
 def _bench_ckks(args: argparse.Namespace) -> None:
     from gravel.harness.ckks_bench import bench_ckks, format_ckks_bench
 
+    workers = None
     if args.workers:
-        raise GravelError("--workers is not available for --backend ckks yet")
+        counts = int_list(args.workers)
+        if len(counts) != 1 or counts[0] < 1 or not args.batch:
+            raise GravelError(f"--workers {args.workers!r} with --backend ckks: give one worker count, "
+                              "with --batch (a batch's groups are spread over the workers)")
+        workers = counts[0]
     r = bench_ckks(args.model, load_data(args), samples=args.samples, batch=args.batch, calib=args.calib,
-                   options=ckks_options(args), progress=not args.quiet and not args.json)
+                   options=ckks_options(args), progress=not args.quiet and not args.json,
+                   workers=workers, ray_address=args.ray_address)
     print(json.dumps(r) if args.json else format_ckks_bench(r))
 
 

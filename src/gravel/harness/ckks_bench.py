@@ -45,10 +45,13 @@ def _float_logits(model: Any, x: np.ndarray) -> np.ndarray | None:
 
 def bench_ckks(model: Any, data: Dataset, samples: int = 10, batch: int | None = None,
                calib: int = 500, options: CkksOptions | None = None,
-               progress: bool = False) -> dict[str, Any]:
+               progress: bool = False, workers: int | None = None,
+               ray_address: str | None = None) -> dict[str, Any]:
     """One image at a time over `samples` test images, or (with `batch`) one batched
     inference of `batch` test images. `model`: an artifact directory or anything
-    `compile_ckks_model` takes (compiled into a temporary directory)."""
+    `compile_ckks_model` takes (compiled into a temporary directory). `workers`: a batch also
+    runs with its groups spread over that many Ray workers (`CkksRayExecutor`), timed in the
+    same run as the one-process path; `batch_latency_s` is then the faster of the two."""
     from gravel.harness.common import calib_images, calib_labels
 
     if samples < 1 or (batch is not None and batch < 1):
@@ -114,11 +117,30 @@ def bench_ckks(model: Any, data: Dataset, samples: int = 10, batch: int | None =
             enc_s = time.perf_counter() - t
             t = time.perf_counter()
             reply = server.run(ctx, blob)
-            lat_s = time.perf_counter() - t
+            one_s = time.perf_counter() - t
+            lat_s, path = one_s, "one process"
+            if workers:
+                from gravel.cluster.ckks_executor import CkksRayExecutor
+
+                executor = CkksRayExecutor(manifest.root, workers=workers, address=ray_address)
+                try:
+                    executor.run(keys, client.encrypt(x[:1], "batch"))  # workers load the keys
+                    t = time.perf_counter()
+                    reply_w = executor.run(keys, blob)
+                    workers_s = time.perf_counter() - t
+                finally:
+                    executor.shutdown()
+                if not np.allclose(client.decrypt(reply_w), client.decrypt(reply), atol=1e-2):
+                    raise InputError("the workers' batch result differs from the one-process result")
+                result.update(workers=workers, one_process_s=round(one_s, 3),
+                              workers_s=round(workers_s, 3), speedup=round(one_s / workers_s, 3))
+                if workers_s < one_s:
+                    lat_s, path, reply = workers_s, f"{workers} Ray workers", reply_w
             t = time.perf_counter()
             logits = client.decrypt(reply)
             dec_s = time.perf_counter() - t
-            result.update(samples=n, batch=n, batch_latency_s=round(lat_s, 3),
+            result.update(samples=n, batch=n, batch_latency_s=round(lat_s, 3), path=path,
+                          block=program.block, groups=-(-n // program.block),
                           per_image_s=round(lat_s / n, 5), encrypt_s=round(enc_s, 3),
                           decrypt_s=round(dec_s, 3), input_ct_bytes=len(blob),
                           output_ct_bytes=len(reply))

@@ -1,0 +1,138 @@
+"""CKKS inference on Ray: a batch's groups spread over workers (data-parallel).
+
+A CKKS batch is packed in groups of `block` samples (see gravel.ckks.program); the groups are
+independent, so the driver cuts the client's input blob into runs of whole groups at the byte
+level (`CkksServer.split_batch`: no keys, no ciphertext parsed), each worker evaluates its run
+with the session's public context (deserialized once per worker and kept), and the driver
+joins the output blobs in order. One image, or a batch of one group, runs on one worker.
+
+Each worker is one process with one CPU: SEAL through TenSEAL holds Python's GIL during every
+operation, so processes, not threads, are how a batch uses several cores.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import tempfile
+import threading
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+from gravel.cluster.connect import connect
+from gravel.errors import ClusterError, GravelError
+from gravel.protocol import load_manifest
+
+__all__ = ["CkksRayExecutor", "CkksWorker"]
+
+_FILES = ("manifest.json", "client.ckks.json", "weights.npz")
+MAX_CONTEXTS = 4  # public contexts a worker keeps (one per session in use)
+
+
+class CkksWorker:
+    """The Ray actor body: one artifact's CkksServer and a few sessions' public contexts."""
+
+    def __init__(self, bundle: dict[str, bytes]) -> None:
+        from gravel.ckks.artifact import load_server
+
+        self.dir = Path(tempfile.mkdtemp(prefix="gravel-ckks-worker-"))
+        for name, data in bundle.items():
+            (self.dir / name).write_bytes(data)
+        self.server = load_server(self.dir)  # verifies the files against the manifest's hashes
+        self.contexts: OrderedDict[bytes, Any] = OrderedDict()
+
+    def ready(self) -> bool:
+        return True
+
+    def run(self, keys: bytes, data: bytes) -> bytes:
+        digest = hashlib.sha256(keys).digest()
+        ctx = self.contexts.get(digest)
+        if ctx is None:
+            ctx = self.server.load_keys(keys, modes=())  # `run` checks the mode's rotations
+            self.contexts[digest] = ctx
+            while len(self.contexts) > MAX_CONTEXTS:
+                self.contexts.popitem(last=False)
+        self.contexts.move_to_end(digest)
+        return self.server.run(ctx, data)
+
+
+class CkksRayExecutor:
+    """Runs one CKKS artifact's inferences on a Ray cluster.
+
+    `address=None` (and no RAY_ADDRESS) starts an embedded single-machine Ray. `workers=None`:
+    one worker per CPU of the cluster.
+    """
+
+    def __init__(self, artifact: str | Path, workers: int | None = None, address: str | None = None,
+                 start_timeout_s: float = 60.0, timeout_s: float = 600.0) -> None:
+        import ray
+
+        from gravel.ckks.artifact import load_server
+
+        self.manifest = load_manifest(artifact, role="server", backends=("ckks",))
+        if self.manifest.backend != "ckks":
+            raise ClusterError(f"{self.manifest.root}: a {self.manifest.backend} artifact; "
+                               "the CKKS executor runs CKKS ones (use RayExecutor)")
+        self.server = load_server(self.manifest)  # the driver's copy: splits and joins batches
+        self.timeout_s = timeout_s
+        cpus, _ = connect(address)
+        workers = workers or max(1, cpus)
+        if workers < 1 or workers > max(cpus, 1):
+            raise ClusterError(f"{workers} CKKS workers need {workers} CPUs; the cluster has {cpus}")
+        bundle = ray.put({name: self.manifest.path(name).read_bytes() for name in _FILES})
+        actor = ray.remote(num_cpus=1, max_restarts=0, max_task_retries=0)(CkksWorker)
+        self._workers = [actor.remote(bundle) for _ in range(workers)]
+        try:
+            ray.get([w.ready.remote() for w in self._workers], timeout=start_timeout_s)
+        except Exception as exc:  # Ray's start-up failures have many types
+            self.shutdown()
+            raise ClusterError(f"CKKS workers did not start within {start_timeout_s:.0f} s: {exc}") from exc
+        self._keys: OrderedDict[bytes, Any] = OrderedDict()
+        self._lock = threading.Lock()
+        self._next = itertools.count()
+
+    @property
+    def workers(self) -> int:
+        return len(self._workers)
+
+    def _keys_ref(self, keys: bytes) -> Any:
+        import ray
+
+        digest = hashlib.sha256(keys).digest()
+        with self._lock:
+            ref = self._keys.get(digest)
+            if ref is None:
+                ref = self._keys[digest] = ray.put(bytes(keys))
+                while len(self._keys) > MAX_CONTEXTS:
+                    self._keys.popitem(last=False)
+            self._keys.move_to_end(digest)
+            return ref
+
+    def run(self, keys: bytes, data: bytes) -> bytes:
+        """Input blob -> output blob, as `CkksServer.run` but a batch's groups over the workers."""
+        import ray
+
+        parts = self.server.split_batch(data, len(self._workers))
+        keys_ref = self._keys_ref(keys)
+        start = next(self._next)
+        refs = [self._workers[(start + i) % len(self._workers)].run.remote(keys_ref, part)
+                for i, part in enumerate(parts)]
+        try:
+            replies = ray.get(refs, timeout=self.timeout_s)
+        except ray.exceptions.RayTaskError as exc:
+            for ref in refs:
+                ray.cancel(ref, force=False)
+            if isinstance(exc.cause, GravelError):  # the client's fault, named by the server
+                raise exc.cause from None
+            raise ClusterError(f"a CKKS worker failed: {exc.cause!r}") from exc
+        except (ray.exceptions.GetTimeoutError, ray.exceptions.RayActorError) as exc:
+            raise ClusterError(f"CKKS inference did not complete on the workers: {exc}") from exc
+        return self.server.merge_outputs(replies)
+
+    def shutdown(self) -> None:
+        import ray
+
+        for w in self._workers:
+            ray.kill(w, no_restart=True)
+        self._workers = []
