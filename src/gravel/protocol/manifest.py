@@ -184,8 +184,8 @@ def load_manifest(root: str | Path, role: str = "client", backends: tuple[str, .
     if backend not in backends:
         raise ArtifactError(
             f"{root}: a {backend} artifact; this part of Gravel reads {', '.join(backends)} artifacts"
-            + (" (CKKS models run through gravel.ckks.artifact and `gravel bench --backend ckks`; the service "
-               "and SDK do not take them yet)" if backend == "ckks" else "")
+            + (" (read CKKS artifacts with gravel.ckks.artifact, or gravel.client.model.load_client_model "
+               "on the client side)" if backend == "ckks" else "")
         )
     if backend == "concrete":
         built = data.get("backend", {}).get("concrete_python")
