@@ -16,7 +16,7 @@ from typing import Any
 from gravel.errors import ArtifactError
 
 __all__ = [
-    "BACKEND_FILES", "CLIENT_FILES", "FORMAT_VERSION", "INPUT", "SERVER_FILES", "Manifest", "file_sha256",
+    "BACKEND_FILES", "CLIENT_FILES", "artifact_backend", "FORMAT_VERSION", "INPUT", "SERVER_FILES", "Manifest", "file_sha256",
     "load_manifest", "publish_directory", "shard_columns", "shard_function", "shard_slice",
     "stage_arguments",
 ]
@@ -105,6 +105,17 @@ class Manifest:
 
     def path(self, name: str) -> Path:
         return self.root / name
+
+
+def artifact_backend(root: str | Path) -> str:
+    """The backend an artifact directory names ("concrete" or "ckks"), from its manifest alone
+    (no hash is checked: for choosing a loader, which checks them)."""
+    try:
+        data = json.loads((Path(root) / MANIFEST).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ArtifactError(f"{root}: not a readable Gravel artifact ({exc})") from None
+    backend = data.get("backend") if isinstance(data, dict) else None
+    return str(backend.get("name", "concrete")) if isinstance(backend, dict) else "concrete"
 
 
 def publish_directory(tmp: Path, out: Path) -> None:

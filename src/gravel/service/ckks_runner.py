@@ -13,7 +13,6 @@ exact size, as TFHE's is); inputs are held to the server's input limit.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -22,19 +21,11 @@ from typing import Any
 from gravel.errors import InferenceCancelled
 from gravel.protocol import Manifest
 from gravel.protocol.framing import Kind, unframe
-from gravel.protocol.manifest import MANIFEST
 
-__all__ = ["CkksServerModel", "artifact_backend", "check_ckks_keys", "ckks_key_limit"]
+__all__ = ["CkksServerModel", "check_ckks_keys", "ckks_key_limit"]
 
 KEY_MARGIN = 1.02  # a throwaway key set's length times this, plus KEY_SLACK, bounds a client's
 KEY_SLACK = 64 << 10
-
-
-def artifact_backend(artifact: Path) -> str:
-    """The backend an artifact directory (checked at deploy) names: "concrete" or "ckks"."""
-    data = json.loads((Path(artifact) / MANIFEST).read_text())
-    backend = data.get("backend")
-    return backend.get("name", "concrete") if isinstance(backend, dict) else "concrete"
 
 
 class CkksStageTrace:

@@ -119,7 +119,8 @@ class LocalEngine:
         self._lock = threading.Lock()
 
     def _model(self, model: str, artifact: Path):
-        from gravel.service.ckks_runner import CkksServerModel, artifact_backend
+        from gravel.protocol.manifest import artifact_backend
+        from gravel.service.ckks_runner import CkksServerModel
 
         with self._lock:
             if model not in self._models:
@@ -247,7 +248,7 @@ class RayEngine:
                 ex.close_session(handle)
 
     def _in_process(self, model: str, artifact: Path) -> bool:
-        from gravel.service.ckks_runner import artifact_backend
+        from gravel.protocol.manifest import artifact_backend
 
         with self._cond:
             if model not in self._backends:
