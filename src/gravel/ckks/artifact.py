@@ -18,6 +18,7 @@ import hashlib
 import json
 import shutil
 import tempfile
+import zipfile
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -112,7 +113,7 @@ def load_program(artifact: str | Path | Manifest) -> CkksProgram:
     try:
         with np.load(manifest.path("weights.npz"), allow_pickle=False) as npz:
             arrays = {k: npz[k] for k in npz.files}
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
         raise ArtifactError(f"{manifest.root}: unreadable weights.npz ({exc})") from None
     spec = read_client_spec(manifest)
     if spec.get("program_sha256") != _program_sha256(manifest.data["program"], arrays):

@@ -101,9 +101,12 @@ async def open_session(name: str, request: Request) -> SessionCreated:
     limit = svc.config.max_key_bytes
     if expected is not None and expected > limit:
         raise ApiError(413, f"{name}'s evaluation keys are {expected} bytes, over this server's limit of {limit}")
-    if bound is not None:
-        limit = min(limit, bound)
     declared = declared_length(request, limit, "evaluation keys")
+    if bound is not None:
+        if declared is not None and declared > bound:
+            raise ApiError(413, f"evaluation keys: the body declares {declared} bytes, and {name}'s CKKS evaluation "
+                                f"keys take at most {bound} bytes (keys of another model?)")
+        limit = min(limit, bound)
     if expected is not None and declared is not None and declared != expected:
         raise ApiError(413 if declared > expected else 400,
                        f"evaluation keys: the body declares {declared} bytes, and {name}'s evaluation keys are "
