@@ -53,7 +53,7 @@ def test_model_info_and_the_clients_files(ckks_server, ckks_deployed, ckks_artif
 
 
 def test_sdk_single_and_batch_match_the_clear_program(sdk, program, digits):
-    client, session = sdk
+    _, session = sdk
     x = digits.x_test[:12]
     clear = program.simulate(x)
     scores = session.scores(x[0])
@@ -232,7 +232,7 @@ def test_a_broken_ckks_artifact_is_refused_and_leaves_nothing(ckks_server, ckks_
     # a weight altered, its file's hash updated in the manifest: the program hash in the client spec catches it
     with np.load(io.BytesIO(files["weights.npz"]), allow_pickle=False) as npz:
         arrays = {k: npz[k].copy() for k in npz.files}
-    first = sorted(arrays)[0]
+    first = min(arrays)
     arrays[first].flat[0] += 1.0
     buf = io.BytesIO()
     np.savez(buf, **arrays)

@@ -12,6 +12,7 @@ images as one SIMD-packed job.
 
 from __future__ import annotations
 
+import itertools
 import os
 import secrets
 import statistics
@@ -118,7 +119,7 @@ def train_square_mlp(data: Dataset, hidden: tuple[int, ...], epochs: int, seed: 
     torch.manual_seed(seed)
     sizes = [int(np.prod(data.image_shape)), *hidden]
     layers: list[nn.Module] = [nn.Flatten()]
-    for a, b in zip(sizes, sizes[1:]):
+    for a, b in itertools.pairwise(sizes):
         layers += [nn.Linear(a, b), Square()]
     model = nn.Sequential(*layers, nn.Linear(sizes[-1], data.num_classes))
     x, y = torch.tensor(data.x_train), torch.tensor(data.y_train)

@@ -16,8 +16,19 @@ from typing import Any
 from gravel.errors import ArtifactError
 
 __all__ = [
-    "BACKEND_FILES", "CLIENT_FILES", "artifact_backend", "FORMAT_VERSION", "INPUT", "SERVER_FILES", "Manifest", "file_sha256",
-    "load_manifest", "publish_directory", "shard_columns", "shard_function", "shard_slice",
+    "BACKEND_FILES",
+    "CLIENT_FILES",
+    "FORMAT_VERSION",
+    "INPUT",
+    "SERVER_FILES",
+    "Manifest",
+    "artifact_backend",
+    "file_sha256",
+    "load_manifest",
+    "publish_directory",
+    "shard_columns",
+    "shard_function",
+    "shard_slice",
     "stage_arguments",
 ]
 
