@@ -130,3 +130,39 @@ def _complete(answer: bytes) -> bool:
         if line.lower().startswith(b"content-length:"):
             return len(body) >= int(line.split(b":")[1])
     return False
+
+
+# -- a CKKS model on its own server -------------------------------------------------------------
+@pytest.fixture(scope="session")
+def ckks_artifact(tmp_path_factory, digits):
+    """The CKKS digits MLP 64-16-10 with x^2 (ring N=8192, depth 3); a small SIMD block keeps
+    batches few ciphertexts."""
+    from gravel.ckks.artifact import compile_ckks_model
+    from gravel.ckks.compile import CkksOptions
+
+    from ..ckks.conftest import train_digits_mlp
+
+    model = train_digits_mlp(digits, "square")
+    out = tmp_path_factory.mktemp("ckks-svc") / "sq.gravel"
+    manifest = compile_ckks_model(model, digits.x_train[:300], out, digits.y_train[:300],
+                                  CkksOptions(batch_block=256), name="sq")
+    # the same network compiled with another packing: another model, with its own digest
+    other = compile_ckks_model(model, digits.x_train[:300], out.with_name("other.gravel"), digits.y_train[:300],
+                               CkksOptions(batch_block=512), name="other")
+    return manifest, other
+
+
+@pytest.fixture(scope="session")
+def ckks_server(tmp_path_factory):
+    srv = ServerProcess(tmp_path_factory.mktemp("ckks-svc") / "data").start()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="session")
+def ckks_deployed(ckks_server, ckks_artifact):
+    from gravel.client import Client
+
+    with Client(ckks_server.url, token=ADMIN, cache_dir=ckks_server.data_dir.parent / "deploy-cache") as c:
+        info = c.deploy(ckks_artifact[0].root)
+    return info

@@ -18,13 +18,14 @@ import hashlib
 import json
 import shutil
 import tempfile
+import zipfile
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from gravel.ckks.client import CkksClient
+from gravel.ckks.client import CLIENT_FILE, CkksClient, read_client_spec
 from gravel.ckks.compile import CkksCompiled
 from gravel.ckks.program import CkksProgram
 from gravel.ckks.server import CkksServer
@@ -32,8 +33,6 @@ from gravel.errors import ArtifactError
 from gravel.protocol.manifest import FORMAT_VERSION, Manifest, file_sha256, load_manifest, publish_directory
 
 __all__ = ["CLIENT_FILE", "compile_ckks_model", "load_client", "load_program", "load_server", "write_ckks_artifact"]
-
-CLIENT_FILE = "client.ckks.json"
 
 
 def write_ckks_artifact(out: str | Path, compiled: CkksCompiled, model_info: dict[str, Any],
@@ -74,6 +73,7 @@ def write_ckks_artifact(out: str | Path, compiled: CkksCompiled, model_info: dic
                 "single": {"method": "diagonal (baby-step/giant-step)",
                            "rotation_steps": program.single_steps},
                 "batch": {"method": "SIMD across samples", "block": program.block,
+                          "complex": program.batch_complex,
                           "max_samples_per_group": program.block,
                           "rotation_steps": program.batch_steps},
             },
@@ -108,25 +108,15 @@ def _ckks_manifest(artifact: str | Path | Manifest, role: str) -> Manifest:
     return manifest
 
 
-def _client_spec(manifest: Manifest) -> dict[str, Any]:
-    try:
-        spec = json.loads(manifest.path(CLIENT_FILE).read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ArtifactError(f"{manifest.root}: unreadable {CLIENT_FILE} ({exc})") from None
-    if not isinstance(spec, dict) or spec.get("format") != "gravel-ckks-client":
-        raise ArtifactError(f"{manifest.root}: {CLIENT_FILE} is not a CKKS client spec")
-    return spec
-
-
 def load_program(artifact: str | Path | Manifest) -> CkksProgram:
     """The stage program (server side: reads the weights)."""
     manifest = _ckks_manifest(artifact, "server")
     try:
         with np.load(manifest.path("weights.npz"), allow_pickle=False) as npz:
             arrays = {k: npz[k] for k in npz.files}
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
         raise ArtifactError(f"{manifest.root}: unreadable weights.npz ({exc})") from None
-    spec = _client_spec(manifest)
+    spec = read_client_spec(manifest)
     if spec.get("program_sha256") != _program_sha256(manifest.data["program"], arrays):
         raise ArtifactError(f"{manifest.root}: the program and weights do not match the client spec's "
                             "program hash (altered?); recompile the model")
@@ -141,8 +131,7 @@ def load_server(artifact: str | Path | Manifest) -> CkksServer:
 
 def load_client(artifact: str | Path | Manifest) -> CkksClient:
     """The data owner's side for an artifact (needs only the manifest and client spec)."""
-    manifest = _ckks_manifest(artifact, "client")
-    return CkksClient(_client_spec(manifest), manifest.digest)
+    return CkksClient.load(_ckks_manifest(artifact, "client"))
 
 
 def compile_ckks_model(model: Any, calib_x: np.ndarray, out: str | Path,

@@ -10,7 +10,9 @@ feature j of every image in one block of slots) and decrypts the server's answer
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -22,8 +24,22 @@ from gravel.ckks.packing import samples_layout
 from gravel.ckks.params import CkksParams
 from gravel.errors import ArtifactError, InputError, KeyMismatchError
 from gravel.protocol.framing import Kind, frame, unframe
+from gravel.protocol.manifest import Manifest, load_manifest
 
-__all__ = ["CkksClient"]
+__all__ = ["CLIENT_FILE", "CkksClient", "read_client_spec"]
+
+CLIENT_FILE = "client.ckks.json"
+
+
+def read_client_spec(manifest: Manifest) -> dict[str, Any]:
+    """The artifact's client spec (JSON, no weights), checked to be one."""
+    try:
+        spec = json.loads(manifest.path(CLIENT_FILE).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ArtifactError(f"{manifest.root}: unreadable {CLIENT_FILE} ({exc})") from None
+    if not isinstance(spec, dict) or spec.get("format") != "gravel-ckks-client":
+        raise ArtifactError(f"{manifest.root}: {CLIENT_FILE} is not a CKKS client spec")
+    return spec
 
 
 class CkksClient:
@@ -56,7 +72,34 @@ class CkksClient:
         self.context: SecretContext | None = None
         self._ev: Evaluator | None = None
 
+    @classmethod
+    def load(cls, artifact: str | Path | Manifest) -> CkksClient:
+        """The client of an artifact: reads (and checks the hashes of) its manifest and client
+        spec only; no server file is needed or read."""
+        manifest = artifact if isinstance(artifact, Manifest) else load_manifest(
+            artifact, role="client", backends=("ckks",))
+        if manifest.backend != "ckks":
+            raise ArtifactError(f"{manifest.root}: a {manifest.backend} artifact, not a CKKS one; "
+                                "compile with --backend ckks")
+        return cls(read_client_spec(manifest), manifest.digest)
+
     # -- keys ------------------------------------------------------------------------------
+    def use_keys(self, context: SecretContext) -> None:
+        """Use an existing key set (e.g. `SecretContext.load_secret` of a saved one) for this
+        model: its parameters must be the model's; its modes are those its rotations cover."""
+        if not isinstance(context, SecretContext) or not context.has_secret_key():
+            raise KeyMismatchError("use_keys needs a SecretContext with its secret key")
+        if context.params != self.params:
+            raise KeyMismatchError(f"these CKKS keys are for parameters {context.params.to_json()}, this "
+                                   f"model needs {self.params.to_json()}: generate keys for this model")
+        modes = tuple(m for m, steps in (("single", self.single_steps), ("batch", self.batch_steps))
+                      if all(context.has_rotation(s) for s in steps)
+                      and not (m == "batch" and self.batch_complex and not context.has_conjugation()))
+        if not modes:
+            raise KeyMismatchError("these CKKS keys lack the rotations of both packings of this model; "
+                                   "generate keys for this model")
+        self.context, self._ev, self.modes = context, Evaluator(context), modes
+
     def keygen(self, modes: tuple[str, ...] = ("single", "batch")) -> None:
         """New keys: secret, relinearisation, and Galois keys for the rotations of `modes`."""
         steps: set[int] = set()

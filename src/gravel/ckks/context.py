@@ -287,6 +287,74 @@ class SecretContext(_KeyedContext):
         """The compute party's context, made from the very bytes it would receive."""
         return PublicContext.load(self.serialize_public())
 
+    # -- the SECRET context as bytes (an explicit choice of its owner) -------------------------
+    def serialize_secret(self) -> bytes:
+        """The whole key set WITH the secret key, framed (Kind.SECRET_KEYS, digest of the public
+        context): for the owner's own disk, never for another party. The public part is kept
+        byte for byte, so a reloaded context has the same digest and reads the ciphertexts made
+        for it.
+
+            u32 n | public payload (n bytes, as serialize_public frames it) | SEAL secret key
+        """
+        proto = ContextProto()
+        proto.ParseFromString(self._ts.serialize(save_public_key=False, save_secret_key=True,
+                                                 save_galois_keys=False, save_relin_keys=False))
+        secret = proto.private_context.secret_key
+        if not secret:
+            raise KeyMismatchError("this context has no secret key to save")
+        body = _META.pack(len(self._public_payload)) + self._public_payload + secret
+        return frame(Kind.SECRET_KEYS, self.digest, body)
+
+    @classmethod
+    def load_secret(cls, data: bytes) -> SecretContext:
+        """Read `serialize_secret()` bytes; checks that the secret key belongs to the public
+        keys beside it (one encryption and decryption)."""
+        data = bytes(data)
+        what = "CKKS secret context"
+        body = data[HEADER_SIZE:]
+        if len(body) < _META.size:
+            raise BlobFormatError(f"{what}: truncated")
+        (n,) = _META.unpack_from(body)
+        if _META.size + n >= len(body):
+            raise BlobFormatError(f"{what}: truncated or not a secret context")
+        public_payload = body[_META.size:_META.size + n]
+        secret = body[_META.size + n:]
+        unframe(data, Kind.SECRET_KEYS, hashlib.sha256(public_payload).digest(), what=what)
+        meta, proto_bytes = _split_meta(public_payload)
+        params = CkksParams.from_json(meta.get("params", {}))
+        steps = meta.get("rotation_steps")
+        if not isinstance(steps, list):
+            raise KeyMismatchError(f"{what}: rotation_steps missing from its header")
+        proto = ContextProto()
+        try:
+            proto.ParseFromString(proto_bytes)
+        except DecodeError:
+            raise BlobFormatError(f"{what}: not a TenSEAL context message") from None
+        proto.private_context.secret_key = secret
+        try:
+            tctx = ts.Context.load(proto.SerializeToString())
+        except SEAL_ERRORS as exc:
+            raise BlobFormatError(f"{what}: TenSEAL could not load it ({exc})") from None
+        ctx = cls(params, tctx, _normalize_steps(steps, params.slots), public_payload)
+        _check_matches(ctx, params)
+        raw = tctx.data
+        sc = raw.seal_context()
+        try:  # as create() does: evaluate with exactly the keys handed out
+            ctx.relin_keys = load_into(sealapi.RelinKeys(), sc, proto.public_context.relin_keys)
+            ctx.galois_keys = (load_into(sealapi.GaloisKeys(), sc, proto.public_context.galois_keys)
+                               if proto.public_context.galois_keys else None)
+        except SEAL_ERRORS as exc:
+            raise BlobFormatError(f"{what}: SEAL refused its keys ({exc})") from None
+        ctx.decryptor = sealapi.Decryptor(sc, raw.secret_key())
+        ctx.symmetric_encryptor = sealapi.Encryptor(sc, raw.public_key(), raw.secret_key())
+        probe = sealapi.Plaintext()
+        ctx.encoder.encode([1.0], ctx.scale_at(ctx.top_level), probe)
+        sealed = sealapi.Ciphertext()
+        ctx.encryptor.encrypt(probe, sealed)
+        if abs(ctx.decrypt_slots(sealed)[0] - 1.0) > 1e-3:
+            raise KeyMismatchError(f"{what}: its secret key does not belong to its public keys (altered?)")
+        return ctx
+
     def decrypt_slots(self, seal_ciphertext: Any) -> np.ndarray:
         """All slots of one ciphertext, as float64."""
         plain = sealapi.Plaintext()

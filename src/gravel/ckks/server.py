@@ -23,13 +23,57 @@ from gravel.ckks.blob import blob_parts, dump_ciphertexts, join_parts, load_ciph
 from gravel.ckks.ciphertext import Ciphertext
 from gravel.ckks.context import PublicContext
 from gravel.ckks.evaluator import Evaluator
+from gravel.ckks.params import CkksParams
 from gravel.ckks.program import CkksProgram, batch_matrices, simd_matrix, single_plan
 from gravel.errors import InputError, KeyMismatchError
 from gravel.protocol.framing import Kind, frame, unframe
 
-__all__ = ["MODES", "CkksServer"]
+__all__ = ["MODES", "CkksServer", "check_public_context"]
 
 MODES = ("single", "batch")
+
+
+def check_public_context(ctx: PublicContext, params: CkksParams, steps: dict[str, list[int]],
+                         modes: tuple[str, ...] | None = MODES, conjugate: bool = False) -> tuple[str, ...]:
+    """Check a client's public context against a program's parameters and the rotation steps of
+    each packing mode (and, with `conjugate`, the conjugation key of a complex-packed batch);
+    returns the modes it serves. With `modes`, every one of them must be served; with None, at
+    least one (a client may make keys for one packing only)."""
+    if ctx.has_secret_key():
+        raise KeyMismatchError("CKKS evaluation keys hold a secret key; refusing them")
+    if ctx.params != params:
+        raise KeyMismatchError(
+            f"CKKS keys for parameters {ctx.params.to_json()}, this model needs "
+            f"{params.to_json()}: make the keys from this model's artifact"
+        )
+    missing = {mode: [s for s in steps[mode] if not ctx.has_rotation(s)] for mode in MODES}
+    no_conjugation = conjugate and not ctx.has_conjugation()
+    for mode in modes or ():
+        if missing[mode]:
+            raise KeyMismatchError(_lacking(missing[mode], steps[mode], mode))
+        if mode == "batch" and no_conjugation:
+            raise KeyMismatchError(
+                "CKKS evaluation keys lack the complex-conjugation key that batch inference of "
+                "this model needs: generate the keys with this model's client spec"
+            )
+    served = tuple(m for m in MODES if not missing[m] and not (m == "batch" and no_conjugation))
+    if not served:
+        raise KeyMismatchError(
+            "CKKS evaluation keys serve neither packing of this model: they lack "
+            + " and ".join(f"{len(missing[m])} of the {len(steps[m])} rotation steps of {m} inference "
+                           f"({_few(missing[m])})" for m in MODES)
+            + ": generate the keys with this model's client spec")
+    return served
+
+
+def _few(steps: list[int]) -> str:
+    return ", ".join(str(s) for s in steps[:8]) + (" ..." if len(steps) > 8 else "")
+
+
+def _lacking(missing: list[int], steps: list[int], mode: str) -> str:
+    return (f"CKKS evaluation keys lack the rotation steps [{_few(missing)}] ({len(missing)} of "
+            f"{len(steps)}) that {mode} inference needs: generate the keys with this model's client "
+            "spec (keygen with that mode)")
 
 
 class CkksServer:
@@ -57,35 +101,22 @@ class CkksServer:
         return ctx
 
     def check_keys(self, ctx: PublicContext, modes: tuple[str, ...] = MODES) -> None:
-        if ctx.has_secret_key():
-            raise KeyMismatchError("CKKS evaluation keys hold a secret key; refusing them")
-        if ctx.params != self.program.params:
-            raise KeyMismatchError(
-                f"CKKS keys for parameters {ctx.params.to_json()}, this model needs "
-                f"{self.program.params.to_json()}: make the keys from this model's artifact"
-            )
-        if "batch" in modes and self.program.batch_complex and not ctx.has_conjugation():
-            raise KeyMismatchError(
-                "CKKS evaluation keys lack the complex-conjugation key that batch inference of "
-                "this model needs: generate the keys with this model's client spec"
-            )
-        for mode in modes:
-            steps = self.program.single_steps if mode == "single" else self.program.batch_steps
-            missing = [s for s in steps if not ctx.has_rotation(s)]
-            if missing:
-                raise KeyMismatchError(
-                    f"CKKS evaluation keys lack the rotation steps {missing[:8]}"
-                    f"{' ...' if len(missing) > 8 else ''} ({len(missing)} of {len(steps)}) that "
-                    f"{mode} inference needs: generate the keys with this model's client spec"
-                )
+        check_public_context(ctx, self.program.params, self.rotation_steps(), modes,
+                             conjugate=self.program.batch_complex)
+
+    def rotation_steps(self) -> dict[str, list[int]]:
+        return {"single": list(self.program.single_steps), "batch": list(self.program.batch_steps)}
 
     # -- inference -------------------------------------------------------------------------
-    def run(self, ctx: PublicContext, data: bytes) -> bytes:
-        """Input blob (from CkksClient.encrypt) -> output blob (for CkksClient.decrypt)."""
+    def parse_input(self, ctx: PublicContext, data: bytes) -> tuple[str, int, list[Ciphertext]]:
+        """An input blob (from CkksClient.encrypt), checked against `ctx` and this program:
+        (mode, sample count, ciphertexts). Refuses by name a blob of another model or another
+        key set, a mode the keys cannot serve, a level or scale other than a fresh input's, and
+        a ciphertext count that does not fit the mode."""
         payload = unframe(bytes(data), Kind.INPUT_CIPHERTEXT, self.digest, what="CKKS input")
         cts, head, _ = load_ciphertexts(ctx, payload, what="CKKS input")
         mode, n = head.get("mode"), head.get("n")
-        if mode not in MODES or not isinstance(n, int) or n < 1:
+        if mode not in MODES or not isinstance(n, int) or isinstance(n, bool) or n < 1:
             raise KeyMismatchError("CKKS input: its header has no valid mode and sample count")
         self.check_keys(ctx, (mode,))
         if cts[0].level != ctx.top_level:
@@ -93,19 +124,30 @@ class CkksServer:
                 f"CKKS input at level {cts[0].level}; fresh inputs are at level {ctx.top_level}: "
                 "encrypt the input anew with this model's client"
             )
-        ev = Evaluator(ctx)
         if mode == "single":
             per = self._single_in_chunks()
             if len(cts) != per or n != 1:
-                raise InputError(f"CKKS input: {len(cts)} ciphertexts for one image, expected {per}")
-            out = self.single(ev, cts)
+                raise InputError(f"CKKS input: {len(cts)} ciphertexts for {n} image(s) in mode single, "
+                                 f"expected {per} for one image")
         else:
             per = -(-self.program.n_batch_in // (self.slots // self.program.block))
             groups = -(-n // self.program.block)
             if len(cts) != per * groups:
                 raise InputError(f"CKKS input: {len(cts)} ciphertexts for {n} samples, expected "
                                  f"{per * groups} ({groups} group(s) of {per})")
-            sizes = [min(self.program.block, n - g * self.program.block) for g in range(groups)]
+        return mode, n, cts
+
+    def run(self, ctx: PublicContext, data: bytes) -> bytes:
+        """Input blob (from CkksClient.encrypt) -> output blob (for CkksClient.decrypt)."""
+        mode, n, cts = self.parse_input(ctx, data)
+        ev = Evaluator(ctx)
+        if mode == "single":
+            out = self.single(ev, cts)
+        else:
+            block = self.program.block
+            per = -(-self.program.n_batch_in // (self.slots // block))
+            groups = -(-n // block)
+            sizes = [min(block, n - g * block) for g in range(groups)]
             outs = self.batch(ev, [cts[g * per:(g + 1) * per] for g in range(groups)], sizes)
             out = [ct for group in outs for ct in group]
         body = dump_ciphertexts(ctx, out, {"mode": mode, "n": n})

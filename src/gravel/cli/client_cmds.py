@@ -19,9 +19,9 @@ __all__ = ["cmd_decrypt", "cmd_encrypt", "cmd_keygen", "cmd_predict", "register"
 
 
 def cmd_keygen(args: argparse.Namespace) -> None:
-    from gravel.client import ClientModel
+    from gravel.client.model import load_client_model
 
-    client = ClientModel.load(args.artifact)
+    client = load_client_model(args.artifact)  # TFHE or CKKS, from the manifest
     t = time.perf_counter()
     keys = client.keygen()
     ek = keys.evaluation_keys()
@@ -32,10 +32,10 @@ def cmd_keygen(args: argparse.Namespace) -> None:
 
 
 def cmd_encrypt(args: argparse.Namespace) -> None:
-    from gravel.client import ClientModel, SecretKeys
+    from gravel.client.model import load_client_model, load_secret_keys
 
-    client = ClientModel.load(args.artifact)
-    keys = SecretKeys.load(args.secret, client)
+    client = load_client_model(args.artifact)
+    keys = load_secret_keys(args.secret, client)
     image, label = load_image(args)
     t = time.perf_counter()
     ct = client.encrypt(keys, image)
@@ -45,11 +45,15 @@ def cmd_encrypt(args: argparse.Namespace) -> None:
 
 
 def cmd_decrypt(args: argparse.Namespace) -> None:
-    from gravel.client import ClientModel, SecretKeys
+    from gravel.client.model import load_client_model, load_secret_keys
 
-    client = ClientModel.load(args.artifact)
-    keys = SecretKeys.load(args.secret, client)
-    scores = client.decrypt(keys, Path(args.input).read_bytes())
+    client = load_client_model(args.artifact)
+    keys = load_secret_keys(args.secret, client)
+    scores = np.asarray(client.decrypt(keys, Path(args.input).read_bytes()))
+    if scores.ndim == 2:  # a CKKS output of a batch: every image's scores
+        print(json.dumps({"predictions": [int(p) for p in scores.argmax(1)],
+                          "scores": np.round(scores, 4).tolist()}))
+        return
     print(json.dumps({"prediction": int(np.argmax(scores)), "scores": [round(float(s), 4) for s in scores]}))
 
 

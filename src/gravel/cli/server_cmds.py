@@ -17,6 +17,10 @@ __all__ = ["cmd_deploy", "cmd_openapi", "cmd_run", "cmd_serve", "register"]
 def cmd_run(args: argparse.Namespace) -> None:
     import os
 
+    from gravel.protocol.manifest import artifact_backend
+
+    if artifact_backend(Path(args.artifact)) == "ckks":
+        return _run_ckks(args)
     if args.workers or args.ray_address or os.environ.get("RAY_ADDRESS"):
         return _run_on_cluster(args)
     from gravel.server import ServerModel
@@ -32,6 +36,23 @@ def cmd_run(args: argparse.Namespace) -> None:
     for st in trace:
         what = "the whole network in one backend call" if st.stage == "fused" else f"{st.shards} shards"
         print(f"  {st.stage}: {what}, {st.seconds:.3f} s")
+
+
+def _run_ckks(args: argparse.Namespace) -> None:
+    """`gravel run` of a CKKS artifact: one input (one image or a SIMD batch) in this process."""
+    from gravel.ckks.artifact import load_server
+    from gravel.errors import GravelError
+
+    if args.workers or args.ray_address:
+        raise GravelError("--workers and --ray-address are not available for CKKS artifacts yet; "
+                          "run without them (one process)")
+    server = load_server(args.artifact)
+    ctx = server.load_keys(Path(args.eval_keys).read_bytes(), modes=())
+    t = time.perf_counter()
+    out = server.run(ctx, Path(args.input).read_bytes())
+    elapsed = time.perf_counter() - t
+    write_file(args.out, out)
+    print(f"ran in {elapsed:.3f} s -> {args.out} (CKKS, {len(server.program.stages)} stages in one pass)")
 
 
 def _run_on_cluster(args: argparse.Namespace) -> None:
@@ -100,8 +121,9 @@ def cmd_deploy(args: argparse.Namespace) -> None:
 
     with Client(args.server, token=args.token, progress=not args.quiet) as client:
         info = client.deploy(args.artifact)
-    print(f"deployed {info['name']} ({info['pbs_count']} table lookups, input {info['input_shape']}) "
-          f"to {args.server}")
+    what = (f"CKKS, depth {info.get('depth')}" if str(info.get("backend", "")).startswith("ckks")
+            else f"{info['pbs_count']} table lookups")
+    print(f"deployed {info['name']} ({what}, input {info['input_shape']}) to {args.server}")
 
 
 def register(subparsers: Any) -> None:

@@ -1,7 +1,8 @@
 """The SDK's disk cache: per server and model, the client's files, keys and session.
 
     CACHE/<server>/<model>/<program digest>/
-        manifest.json, client.specs.json   fetched from the server, checked against each other
+        manifest.json, client spec         fetched from the server, checked against each other
+                                           (client.specs.json for TFHE, client.ckks.json for CKKS)
         secret.keys                        this client's SECRET key set (0600)
         session.json                       session id and token on that server (0600)
 
@@ -19,9 +20,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from gravel.client.model import ClientModel, SecretKeys
+from gravel.client.model import load_client_model, load_secret_keys
 from gravel.errors import ServerAnsweredError
-from gravel.protocol.manifest import CLIENT_FILES, MANIFEST
+from gravel.protocol.manifest import BACKEND_FILES, MANIFEST
 
 __all__ = ["ModelCache", "default_cache_dir"]
 
@@ -45,26 +46,42 @@ class ModelCache:
         self.dir = Path(root) / server / _slug(model) / digest[:16]
         self.digest = digest
 
+    def _spec_name(self, manifest: bytes) -> str:
+        """The client spec's file name for the backend the manifest names."""
+        try:
+            backend = json.loads(manifest).get("backend", {}).get("name", "concrete")
+        except (ValueError, AttributeError):
+            backend = None
+        if backend not in BACKEND_FILES:
+            raise ServerAnsweredError(f"the server's manifest for this model names no backend this client "
+                                      f"reads ({str(backend)[:40]!r})", 200)
+        return BACKEND_FILES[backend][0][0]
+
     def has_client_files(self) -> bool:
-        return all((self.dir / f).is_file() for f in (MANIFEST, *CLIENT_FILES))
+        path = self.dir / MANIFEST
+        try:
+            return path.is_file() and (self.dir / self._spec_name(path.read_bytes())).is_file()
+        except ServerAnsweredError:
+            return False
 
     def save_client_files(self, manifest: bytes, spec: bytes) -> None:
-        _write(self.dir / CLIENT_FILES[0], spec)
+        _write(self.dir / self._spec_name(manifest), spec)
         _write(self.dir / MANIFEST, manifest)
 
-    def client_model(self) -> ClientModel:
-        model = ClientModel.load(self.dir)
+    def client_model(self) -> Any:
+        """The model's client (`ClientModel` or `CkksClientModel`), from the cached files."""
+        model = load_client_model(self.dir)
         if model.digest.hex() != self.digest:
             # The server answered, but with files that contradict each other: its fault, not ours.
             raise ServerAnsweredError(f"the server's client spec for this model does not match its digest "
                                       f"{self.digest[:16]}...; refusing to encrypt for it", 200)
         return model
 
-    def keys(self, model: ClientModel) -> SecretKeys:
+    def keys(self, model: Any) -> Any:
         """This client's keys for the model: loaded if cached, else generated and saved (0600)."""
         path = self.dir / "secret.keys"
         if path.is_file():
-            return SecretKeys.load(path, model)
+            return load_secret_keys(path, model)
         keys = model.keygen()
         keys.save(path)
         return keys

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -13,7 +14,7 @@ from gravel.protocol import Kind, Manifest, frame, load_manifest, unframe
 from gravel.protocol.manifest import shard_function
 from gravel.protocol.quantization import InputQuantizer
 
-__all__ = ["ClientModel", "SecretKeys"]
+__all__ = ["ClientModel", "SecretKeys", "load_client_model", "load_secret_keys"]
 
 
 class SecretKeys:
@@ -60,6 +61,8 @@ class SecretKeys:
 
 class ClientModel:
     """Quantize, encrypt, decrypt and dequantize for one artifact."""
+
+    backend = "concrete"
 
     def __init__(self, manifest: Manifest) -> None:
         from concrete import fhe
@@ -121,3 +124,23 @@ class ClientModel:
     def _check(self, keys: SecretKeys) -> None:
         if keys.digest != self.digest:
             raise KeyMismatchError("these keys were generated for another model")
+
+
+def load_client_model(artifact: str | Path) -> Any:
+    """The client side of an artifact, whichever its backend: `ClientModel` (TFHE) or
+    `gravel.client.ckks_model.CkksClientModel` (CKKS), which take the same calls."""
+    manifest = load_manifest(artifact, role="client", backends=("concrete", "ckks"))
+    if manifest.backend == "ckks":
+        from gravel.client.ckks_model import CkksClientModel
+
+        return CkksClientModel(manifest)
+    return ClientModel(manifest)
+
+
+def load_secret_keys(path: str | Path, model: Any) -> Any:
+    """A saved secret key set for `model` (from `load_client_model`)."""
+    if getattr(model, "backend", "concrete") == "ckks":
+        from gravel.client.ckks_model import CkksSecretKeys
+
+        return CkksSecretKeys.load(path, model)
+    return SecretKeys.load(path, model)

@@ -35,7 +35,7 @@ from gravel.client.model import ClientModel, SecretKeys
 from gravel.errors import InputError, ServerAnsweredError, ServerUnreachableError
 from gravel.protocol import is_batch, pack_batch, unpack_batch
 from gravel.protocol.batch import MAX_BATCH
-from gravel.protocol.manifest import CLIENT_FILES, MANIFEST, SERVER_FILES, load_manifest
+from gravel.protocol.manifest import MANIFEST, load_manifest
 
 __all__ = [
     "CHUNK",
@@ -187,16 +187,19 @@ def as_image(x: Any) -> np.ndarray:
 
 def artifact_archive(artifact: str | Path) -> bytes:
     """The artifact directory as an uncompressed tar (its files are already compressed)."""
-    manifest = load_manifest(artifact, role="all")
+    manifest = load_manifest(artifact, role="all", backends=("concrete", "ckks"))
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w") as tar:
-        for name in (MANIFEST, *CLIENT_FILES, *SERVER_FILES):
+        for name in (MANIFEST, *manifest.client_files, *manifest.server_files):
             tar.add(manifest.path(name), arcname=f"{manifest.name}.gravel/{name}")
     return buf.getvalue()
 
 
 def decrypt_all(model: ClientModel, keys: SecretKeys, data: bytes) -> list[np.ndarray]:
-    """Class scores of every output in a server answer: one ciphertext, or a batch of them."""
+    """Class scores of every output in a server answer: one ciphertext, or a batch of them
+    (a CKKS output of a SIMD batch holds every image's scores)."""
+    if model.backend == "ckks":
+        return model.decrypt_all(keys, data)  # type: ignore[attr-defined]
     items = unpack_batch(data, "result batch") if is_batch(data) else [data]
     return [model.decrypt(keys, item) for item in items]
 
@@ -207,6 +210,8 @@ def encrypt_batch(model: ClientModel, keys: SecretKeys, images: Sequence[Any]) -
         raise InputError("no images given: a batch needs at least one")
     if len(images) > MAX_BATCH:
         raise InputError(f"{len(images)} images: one batch holds at most {MAX_BATCH}; split them")
+    if model.backend == "ckks":  # one input: the images SIMD-packed, one inference on the server
+        return model.encrypt_batch(keys, [as_image(x) for x in images])  # type: ignore[attr-defined]
     return pack_batch([model.encrypt(keys, as_image(x)) for x in images])
 
 

@@ -16,8 +16,19 @@ from typing import Any
 from gravel.errors import ArtifactError
 
 __all__ = [
-    "BACKEND_FILES", "CLIENT_FILES", "FORMAT_VERSION", "INPUT", "SERVER_FILES", "Manifest", "file_sha256",
-    "load_manifest", "publish_directory", "shard_columns", "shard_function", "shard_slice",
+    "BACKEND_FILES",
+    "CLIENT_FILES",
+    "FORMAT_VERSION",
+    "INPUT",
+    "SERVER_FILES",
+    "Manifest",
+    "artifact_backend",
+    "file_sha256",
+    "load_manifest",
+    "publish_directory",
+    "shard_columns",
+    "shard_function",
+    "shard_slice",
     "stage_arguments",
 ]
 
@@ -107,6 +118,17 @@ class Manifest:
         return self.root / name
 
 
+def artifact_backend(root: str | Path) -> str:
+    """The backend an artifact directory names ("concrete" or "ckks"), from its manifest alone
+    (no hash is checked: for choosing a loader, which checks them)."""
+    try:
+        data = json.loads((Path(root) / MANIFEST).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ArtifactError(f"{root}: not a readable Gravel artifact ({exc})") from None
+    backend = data.get("backend") if isinstance(data, dict) else None
+    return str(backend.get("name", "concrete")) if isinstance(backend, dict) else "concrete"
+
+
 def publish_directory(tmp: Path, out: Path) -> None:
     """Move a complete artifact directory `tmp` to `out`, replacing an existing one only now
     that the new one is whole (used by both backends' writers)."""
@@ -184,8 +206,8 @@ def load_manifest(root: str | Path, role: str = "client", backends: tuple[str, .
     if backend not in backends:
         raise ArtifactError(
             f"{root}: a {backend} artifact; this part of Gravel reads {', '.join(backends)} artifacts"
-            + (" (CKKS models run through gravel.ckks.artifact and `gravel bench --backend ckks`; the service "
-               "and SDK do not take them yet)" if backend == "ckks" else "")
+            + (" (read CKKS artifacts with gravel.ckks.artifact, or gravel.client.model.load_client_model "
+               "on the client side)" if backend == "ckks" else "")
         )
     if backend == "concrete":
         built = data.get("backend", {}).get("concrete_python")

@@ -122,7 +122,7 @@ def create_app(config: ServiceConfig | None = None) -> FastAPI:
     app = FastAPI(
         title="Gravel",
         version=gravel.__version__,
-        description="Private inference on encrypted data: the server computes on TFHE ciphertexts "
+        description="Private inference on encrypted data: the server computes on TFHE or CKKS ciphertexts "
         "and never sees a secret key. Model management needs the admin token; a session's "
         "token reaches that session's keys, jobs and results only (Authorization: Bearer TOKEN). "
         "Client faults are answered 4xx with a message naming the problem; the server's own "

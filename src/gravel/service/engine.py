@@ -9,6 +9,12 @@ request frees its slot without waiting for the whole inference.
 
 Evaluation keys are cached by bytes, not by count: one session's keys are tens to hundreds of
 megabytes, so a count says nothing about memory.
+
+CKKS models (gravel.service.ckks_runner) run in this process on both engines: the Ray engine
+hands them to an in-process `LocalEngine` of its own (its keys in that engine's cache), so a
+CKKS inference on a Ray-backed service runs whole in the service process, one per job slot.
+Running them on the Ray workers is the seam left for the cluster backend of CKKS.
+`check_input` is the full check of a CKKS input against its session's keys, at submission.
 """
 
 from __future__ import annotations
@@ -38,6 +44,8 @@ class Engine(Protocol):
         self, model: str, artifact: Path, session: str, keys: KeysLoader, ciphertext: bytes, progress: Progress,
         should_stop: StopCheck | None = None,
     ) -> bytes: ...
+
+    def check_input(self, model: str, artifact: Path, session: str, keys: KeysLoader, ciphertext: bytes) -> None: ...
 
     def drop_session(self, session: str) -> None: ...
 
@@ -111,12 +119,25 @@ class LocalEngine:
         self._lock = threading.Lock()
 
     def _model(self, model: str, artifact: Path):
-        from gravel.server import ServerModel
+        from gravel.protocol.manifest import artifact_backend
+        from gravel.service.ckks_runner import CkksServerModel
 
         with self._lock:
             if model not in self._models:
-                self._models[model] = ServerModel.load(artifact)
+                if artifact_backend(artifact) == "ckks":
+                    self._models[model] = CkksServerModel.load(artifact)
+                else:
+                    from gravel.server import ServerModel
+
+                    self._models[model] = ServerModel.load(artifact)
             return self._models[model]
+
+    def check_input(self, model, artifact, session, keys, ciphertext) -> None:
+        """A CKKS input checked against the session's keys (loaded into the cache); TFHE inputs
+        are checked by the routes without keys."""
+        server = self._model(model, artifact)
+        if getattr(server, "backend", "concrete") == "ckks":
+            server.check_input(self._session_keys(server, session, keys), ciphertext)
 
     def _session_keys(self, server, session: str, keys: KeysLoader):
         loaded = self.key_cache.get(session)
@@ -174,6 +195,9 @@ class RayEngine:
         self.slots = max(1, workers or cpus)
         self._where = f"Ray cluster at {address}" if address else "embedded Ray"
         self.modes: dict[str, int] = {}  # how inferences ran: sharded / whole (the executor chooses)
+        # CKKS models run in this process for now (see the module doc)
+        self._inprocess = LocalEngine(self.slots, key_cache_bytes)
+        self._backends: dict[str, str] = {}
 
     @property
     def description(self) -> str:
@@ -223,7 +247,24 @@ class RayEngine:
             if ex is not None and not shared:
                 ex.close_session(handle)
 
+    def _in_process(self, model: str, artifact: Path) -> bool:
+        from gravel.protocol.manifest import artifact_backend
+
+        with self._cond:
+            if model not in self._backends:
+                self._backends[model] = artifact_backend(artifact)
+            return self._backends[model] == "ckks"
+
+    def check_input(self, model, artifact, session, keys, ciphertext) -> None:
+        if self._in_process(model, artifact):
+            self._inprocess.check_input(model, artifact, session, keys, ciphertext)
+
     def infer(self, model, artifact, session, keys, ciphertext, progress, should_stop=None) -> bytes:
+        if self._in_process(model, artifact):
+            out = self._inprocess.infer(model, artifact, session, keys, ciphertext, progress, should_stop)
+            with self._cond:
+                self.modes["in-process (ckks)"] = self.modes.get("in-process (ckks)", 0) + 1
+            return out
         ex = self._executor(model, artifact)
         try:
             key = (model, session)
@@ -252,11 +293,14 @@ class RayEngine:
                 self._cond.notify_all()
 
     def drop_session(self, session: str) -> None:
+        self._inprocess.drop_session(session)
         with self._cond:
             self._release(self.key_cache.pop_where(lambda k: k[1] == session))
 
     def drop_model(self, model: str) -> None:
+        self._inprocess.drop_model(model)
         with self._cond:
+            self._backends.pop(model, None)
             self._shutdown(model)
 
     def close(self) -> None:

@@ -18,7 +18,7 @@ from typing import Any, NoReturn
 
 from gravel.errors import ArtifactError
 
-__all__ = ["MAX_MANIFEST_BYTES", "parse_manifest"]
+__all__ = ["BACKENDS", "MAX_MANIFEST_BYTES", "parse_manifest"]
 
 MAX_MANIFEST_BYTES = 1 << 20
 MAX_DEPTH = 32
@@ -106,6 +106,27 @@ SCHEMA: dict = {
     Maybe("fused"): {"function": string()},
 }
 
+STEP = integer(-(1 << 17), 1 << 17)
+# A CKKS artifact (gravel.ckks.artifact): what the service reads to describe the model and to
+# check a client's keys without loading the weights; the program itself is checked by loading
+# it (its hash is in the client spec) before the model is registered.
+CKKS_SCHEMA: dict = {
+    "format": const("gravel-artifact"),
+    "format_version": integer(0, 1 << 16),
+    "backend": {"name": const("ckks"), "tenseal": string(), "depth": integer(0, 64),
+                "params": {"poly_modulus_degree": integer(1024, 1 << 17),
+                           "coeff_mod_bit_sizes": array(integer(1, 61), 2, 64),
+                           "scale_bits": integer(1, 60)}},
+    "model": SCHEMA["model"],
+    "files": {name: string(HEX64, "a SHA-256 in lowercase hex") for name in ("client.ckks.json", "weights.npz")},
+    "input": {"shape": array(integer(1, 1 << 16), 1, 8)},
+    "output": {"num_classes": integer(1, 1 << 16), "scale": number(), "offset": number()},
+    "program": {"stages": array({}, 1, 1024)},
+    "packing": {"single": {"rotation_steps": array(STEP, 0, 1 << 14)},
+                "batch": {"block": integer(1, 1 << 17), "rotation_steps": array(STEP, 0, 1 << 14)}},
+}
+BACKENDS = {"concrete": SCHEMA, "ckks": CKKS_SCHEMA}
+
 
 def _check(spec: Check | dict, value: Any, path: str) -> None:
     if callable(spec):
@@ -150,7 +171,14 @@ def parse_manifest(text: bytes) -> dict[str, Any]:
         raise ArtifactError(f"manifest.json: not JSON ({exc})") from None
     if _depth(data, MAX_DEPTH) > MAX_DEPTH:
         raise ArtifactError(f"manifest.json: nested deeper than {MAX_DEPTH} levels")
-    _check(SCHEMA, data, "")
+    backend = data.get("backend") if isinstance(data, dict) else None
+    # the backend's name picks the schema; without a readable one, the TFHE schema names the fault
+    name = backend.get("name", "concrete") if isinstance(backend, dict) else "concrete"
+    if name not in BACKENDS:
+        _fail("backend.name", f"must be one of {', '.join(map(json.dumps, BACKENDS))}", name)
+    _check(BACKENDS[name], data, "")
+    if name == "ckks":
+        return data
     classes = data["output"]["num_classes"]
     for field in ("scale", "offset"):
         if len(data["output"][field]) != classes:

@@ -1,12 +1,14 @@
 """/v1/models: list, describe, the client's files (anyone); deploy and delete (admin).
 
-An artifact arrives as an uncompressed tar archive of its directory. Only the four artifact
-files are taken, as regular files with bounded sizes, each into a blob; the manifest is checked
-against its schema, then its hashes and versions, the server program is loaded once and the
-exact sizes of the program's keys and inputs are measured, all before the model is registered:
-a refused deploy leaves nothing behind. The server program is read by the backend's loader
-(which uses jsonpickle inside server.zip), so only the admin, i.e. the model owner, can
-deploy: clients never send programs.
+An artifact arrives as an uncompressed tar archive of its directory. Only the artifact files of
+its backend are taken (TFHE: manifest.json, client.specs.json, server.zip, weights.npz; CKKS:
+manifest.json, client.ckks.json, weights.npz), as regular files with bounded sizes, each into a
+blob; the manifest is checked against its backend's schema, then its hashes and versions, the
+server program is loaded once and the sizes of the program's keys and inputs are measured (TFHE:
+exact; CKKS: a bound on the keys, see gravel.service.ckks_runner), all before the model is
+registered: a refused deploy leaves nothing behind. A TFHE server program is read by concrete's
+loader (which uses jsonpickle inside server.zip), so only the admin, i.e. the model owner, can
+deploy: clients never send programs. A CKKS program is JSON and an .npz read without pickle.
 """
 
 from __future__ import annotations
@@ -24,9 +26,8 @@ from starlette.concurrency import run_in_threadpool
 
 from gravel.errors import GravelError
 from gravel.protocol.manifest import (
-    CLIENT_FILES,
+    BACKEND_FILES,
     MANIFEST,
-    SERVER_FILES,
     file_sha256,
     load_manifest,
 )
@@ -46,7 +47,8 @@ router = APIRouter(prefix="/v1/models", tags=["models"], responses=ERRORS)
 admin_router = APIRouter(prefix="/v1/models", tags=["models"], responses=ERRORS,
                          dependencies=[Depends(require_admin)])
 
-ARTIFACT_FILES = (MANIFEST, *CLIENT_FILES, *SERVER_FILES)
+# every file name an artifact of some backend holds; each backend's own set is BACKEND_FILES
+ARTIFACT_FILES = tuple(dict.fromkeys([MANIFEST, *(f for c, sv in BACKEND_FILES.values() for f in (*c, *sv))]))
 TAR_TYPES = ("application/x-tar", "application/octet-stream")
 MAX_MEMBERS = 16  # the four files, their directory, a few pax headers
 MAX_HEADER_DATA = 64 << 10  # pax / GNU long-name data, read into memory by tarfile
@@ -58,13 +60,15 @@ class ModelInfo(BaseModel):
     digest: str
     created: float
     input_shape: list[int]
-    input_bits: int
+    input_bits: int | None = None  # TFHE: the input's quantization; CKKS inputs are real numbers
     classes: int
     stages: list[dict[str, Any]]
-    pbs_count: int
-    backend: str
-    keys_bytes: int | None = None
-    input_bytes: int | None = None
+    pbs_count: int | None = None  # TFHE: table lookups per inference
+    backend: str  # "concrete VERSION" (TFHE) or "ckks VERSION" (TenSEAL's)
+    keys_bytes: int | None = None  # TFHE: the exact size of the keys; CKKS: the most they may take
+    input_bytes: int | None = None  # TFHE: the exact size of one input; CKKS: none (it varies)
+    depth: int | None = None  # CKKS: the multiplicative depth the keys' parameters allow
+    packings: list[str] | None = None  # CKKS: "single" (one image) and "batch" (SIMD across images)
 
 
 class ModelList(BaseModel):
@@ -73,6 +77,15 @@ class ModelList(BaseModel):
 
 def model_info(row: dict[str, Any]) -> ModelInfo:
     m = row["manifest"]
+    if m["backend"]["name"] == "ckks":
+        return ModelInfo(
+            name=row["name"], digest=row["digest"], created=row["created"],
+            input_shape=list(m["input"]["shape"]), classes=int(m["output"]["num_classes"]),
+            stages=[{"name": f"stage {i}" + (f" ({st['source']})" if st.get("source") else ""), "shards": 1}
+                    for i, st in enumerate(m["program"]["stages"])],
+            backend=f"ckks {m['backend']['tenseal']}", keys_bytes=row.get("keys_bytes"),
+            depth=int(m["backend"]["depth"]), packings=["single", "batch"],
+        )
     return ModelInfo(
         name=row["name"],
         digest=row["digest"],
@@ -149,11 +162,12 @@ def manifest(name: str, request: Request) -> Response:
 
 @router.get(
     "/{name}/client-spec",
-    summary="The model's client.specs.json (the backend's client spec)",
+    summary="The model's client spec: client.specs.json (TFHE) or client.ckks.json (CKKS)",
     responses={200: {"content": {"application/json": {}}}},
 )
 def client_spec(name: str, request: Request) -> Response:
-    return _client_file(request, name, CLIENT_FILES[0])
+    row = service_of(request).model_row(name)
+    return _client_file(request, name, BACKEND_FILES[row["manifest"]["backend"]["name"]][0][0])
 
 
 @admin_router.delete("/{name}", status_code=204, summary="Delete a model with its sessions and jobs (admin)")
@@ -183,24 +197,33 @@ def _ingest(store: Store, archive: Path, limit: int) -> tuple[dict[str, Any], bo
 
     try:
         with storage_errors("the uploaded artifact"):
-            _extract(archive, work, limit)
+            seen = _extract(archive, work, limit)
         try:
             data = parse_manifest((work / MANIFEST).read_bytes())
-            manifest = load_manifest(work, role="all")
+        except GravelError as exc:
+            raise refuse(exc) from None
+        backend = data["backend"]["name"]
+        wanted = (MANIFEST, *BACKEND_FILES[backend][0], *BACKEND_FILES[backend][1])
+        other = sorted(seen - set(wanted))
+        if other:
+            raise ApiError(400, f"artifact archive: {', '.join(other)} in a {backend} artifact, which holds "
+                                f"{', '.join(wanted)} only")
+        missing = [f for f in wanted if f not in seen]
+        if missing:
+            raise ApiError(400, f"artifact archive: missing {', '.join(missing)}")
+        try:
+            manifest = load_manifest(work, role="all", backends=tuple(BACKEND_FILES))
         except GravelError as exc:
             raise refuse(exc) from None
         name = data["model"]["name"]
         try:
-            from gravel.server import ServerModel
-
-            ServerModel(manifest)
-            sizes = measure_sizes(manifest)
+            keys_bytes, input_bytes = _load_and_measure(manifest)
         except GravelError as exc:
             raise refuse(exc) from None
         except Exception as exc:  # noqa: BLE001 - the backend's loader on a damaged program
             raise refuse(exc, "artifact rejected: its server program does not load") from None
         # load_manifest has checked the other files against the hashes the manifest lists.
-        files = {f: data["files"][f] for f in (*CLIENT_FILES, *SERVER_FILES)}
+        files = {f: data["files"][f] for f in wanted if f != MANIFEST}
         files[MANIFEST] = file_sha256(work / MANIFEST)
         with store.lock:
             existing = store.get_model(name)
@@ -208,16 +231,30 @@ def _ingest(store: Store, archive: Path, limit: int) -> tuple[dict[str, Any], bo
                 if existing["files"] == files:
                     return existing, False
                 raise ApiError(409, f"a different model named {name!r} is deployed; delete it first")
-            for f in ARTIFACT_FILES:
+            for f in wanted:
                 store.put_file(work / f)
-            store.add_model(name, manifest.digest.hex(), files[MANIFEST], files, data,
-                            sizes.keys_bytes, sizes.input_bytes)
+            store.add_model(name, manifest.digest.hex(), files[MANIFEST], files, data, keys_bytes, input_bytes)
             return store.get_model(name), True
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def _extract(archive: Path, into: Path, limit: int) -> None:
+def _load_and_measure(manifest) -> tuple[int | None, int | None]:
+    """Load the server program once (refusing one that does not load) and measure the sizes the
+    routes hold keys and inputs to: (keys bytes, input bytes)."""
+    if manifest.backend == "ckks":
+        from gravel.service.ckks_runner import CkksServerModel, ckks_key_limit
+
+        CkksServerModel(manifest.root)
+        return ckks_key_limit(manifest), None
+    from gravel.server import ServerModel
+
+    ServerModel(manifest)
+    sizes = measure_sizes(manifest)
+    return sizes.keys_bytes, sizes.input_bytes
+
+
+def _extract(archive: Path, into: Path, limit: int) -> set[str]:
     """Take the artifact's files out of an uncompressed tar, refusing anything else by name,
     and bounding what is written: no compression and no sparse members, so nothing expands
     beyond the archive's own size (itself under the artifact limit); every file is copied to
@@ -246,7 +283,7 @@ def _extract(archive: Path, into: Path, limit: int) -> None:
                     raise ApiError(400, f"artifact archive: {member.name!r} is not a regular file")
                 if path.name not in ARTIFACT_FILES:
                     raise ApiError(400, f"artifact archive: unexpected file {member.name!r}; an artifact "
-                                        f"holds {', '.join(ARTIFACT_FILES)}")
+                                        f"holds {MANIFEST} and its backend's files ({', '.join(ARTIFACT_FILES[1:])})")
                 if path.name in seen:
                     raise ApiError(400, f"artifact archive: {path.name} appears twice")
                 cap = MAX_MANIFEST_BYTES if path.name == MANIFEST else limit
@@ -262,9 +299,9 @@ def _extract(archive: Path, into: Path, limit: int) -> None:
                 written += copied
         except (tarfile.TarError, EOFError):
             raise ApiError(400, "artifact archive: truncated or corrupt") from None
-    missing = [f for f in ARTIFACT_FILES if f not in seen]
-    if missing:
-        raise ApiError(400, f"artifact archive: missing {', '.join(missing)}")
+    if MANIFEST not in seen:
+        raise ApiError(400, f"artifact archive: missing {MANIFEST}")
+    return seen
 
 
 def _check_headers(archive: Path) -> None:

@@ -20,12 +20,12 @@ from fastapi import APIRouter, Depends, Request, Response
 from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
-from gravel.errors import KeyMismatchError
+from gravel.errors import GravelError, KeyMismatchError
 from gravel.protocol import Kind, is_batch, unpack_batch
 from gravel.protocol.batch import BATCH_MAGIC
 from gravel.protocol.framing import HEADER_SIZE, check_header
 from gravel.server.runner import parse_blob
-from gravel.service.api_errors import ERRORS, ApiError
+from gravel.service.api_errors import ERRORS, ApiError, client_status
 from gravel.service.auth import hash_token, new_token
 from gravel.service.bodies import check_type, declared_length, receive_body
 from gravel.service.container import Service, service_of
@@ -84,8 +84,9 @@ class JobInfo(BaseModel):
     response_model=SessionCreated,
     status_code=201,
     summary="Open a session: upload the client's evaluation keys for a model",
-    description="Body: framed evaluation keys (`SecretKeys.evaluation_keys()`), streamed, of exactly "
-    "the size the model describes (`keys_bytes`). The token in the answer is shown once; keep it to "
+    description="Body: framed evaluation keys (`SecretKeys.evaluation_keys()`; for a CKKS model the "
+    "public context, `CkksSecretKeys.evaluation_keys()`), streamed, of exactly the size the model "
+    "describes (`keys_bytes`; for a CKKS model at most that). The token in the answer is shown once; keep it to "
     "use the session. 503 with Retry-After when the server is checking too many uploads at once.",
     openapi_extra=BINARY_BODY,
 )
@@ -93,11 +94,19 @@ async def open_session(name: str, request: Request) -> SessionCreated:
     svc = service_of(request)
     model = svc.model_row(name)
     check_type(request, OCTETS)
-    expected: int | None = model["keys_bytes"]
+    ckks = _is_ckks(model)
+    # TFHE keys have one exact size; CKKS keys (compressed, one or both packings) at most a bound
+    bound: int | None = model["keys_bytes"] if ckks else None
+    expected: int | None = None if ckks else model["keys_bytes"]
     limit = svc.config.max_key_bytes
     if expected is not None and expected > limit:
         raise ApiError(413, f"{name}'s evaluation keys are {expected} bytes, over this server's limit of {limit}")
     declared = declared_length(request, limit, "evaluation keys")
+    if bound is not None:
+        if declared is not None and declared > bound:
+            raise ApiError(413, f"evaluation keys: the body declares {declared} bytes, and {name}'s CKKS evaluation "
+                                f"keys take at most {bound} bytes (keys of another model?)")
+        limit = min(limit, bound)
     if expected is not None and declared is not None and declared != expected:
         raise ApiError(413 if declared > expected else 400,
                        f"evaluation keys: the body declares {declared} bytes, and {name}'s evaluation keys are "
@@ -110,13 +119,14 @@ async def open_session(name: str, request: Request) -> SessionCreated:
         upload = await receive_body(
             request, svc.store, expected or limit, "evaluation keys", svc.config.body_timeout_s,
             head=(HEADER_SIZE, lambda head: _header(head, Kind.EVALUATION_KEYS, digest)),
-            limit_reason=f"{name}'s evaluation keys ({expected} bytes)" if expected else None,
+            limit_reason=(f"{name}'s evaluation keys ({expected} bytes)" if expected else
+                          f"{name}'s CKKS evaluation keys (at most {bound} bytes)" if bound else None),
         )
         try:
             if expected is not None and upload.size != expected:
                 raise ApiError(400, f"evaluation keys: {upload.size} bytes, and {name}'s evaluation keys are "
                                     f"exactly {expected} bytes (cut short?)")
-            await run_in_threadpool(_check_keys, upload)
+            await run_in_threadpool(_check_keys, upload, model)
             sid, token = "s_" + secrets.token_hex(16), new_token()
             with svc.store.lock:
                 if svc.store.get_model(name) is None:
@@ -164,7 +174,7 @@ async def infer(sid: str, request: Request, session: SessionRow) -> Response:
     model = svc.model_row(session["model"])
     upload = await _receive_inputs(request, svc, session, model, "input ciphertext")
     try:
-        items, batch = await run_in_threadpool(_check_inputs, upload, model, "input batch")
+        items, batch = await run_in_threadpool(_check_inputs, upload, model, "input batch", svc, session)
     finally:
         upload.discard()
     job = svc.make_job(session, model, items, persisted=False, batch=batch)
@@ -201,7 +211,7 @@ async def submit_job(sid: str, request: Request, session: SessionRow) -> JobInfo
     model = svc.model_row(session["model"])
     upload = await _receive_inputs(request, svc, session, model, "job input")
     try:
-        items, batch = await run_in_threadpool(_check_inputs, upload, model, "job input")
+        items, batch = await run_in_threadpool(_check_inputs, upload, model, "job input", svc, session)
         stored = StoredItems(svc.store, upload.blob.sha, len(items), batch)
         del items  # checked; the job reads them from the store as they run
         job = svc.make_job(session, model, stored, persisted=True, batch=batch)
@@ -263,9 +273,27 @@ def _header(head: bytes, kind: Kind, digest: bytes) -> None:
         raise ApiError(400, str(exc)) from None
 
 
-def _check_keys(upload: BlobWriter) -> None:
+def _is_ckks(model: dict[str, Any]) -> bool:
+    return model["manifest"]["backend"]["name"] == "ckks"
+
+
+def _check_keys(upload: BlobWriter, model: dict[str, Any]) -> None:
     """Parse the uploaded keys with the backend's deserializer, reading the payload once
-    (the header was checked as it streamed in): one copy of the keys in memory, not three."""
+    (the header was checked as it streamed in): one copy of the keys in memory, not three.
+    CKKS keys are also checked against the model: no secret key, its parameters, and every
+    rotation of at least one packing."""
+    if _is_ckks(model):
+        from gravel.service.ckks_runner import check_ckks_keys
+
+        try:
+            check_ckks_keys(lambda: upload.read(HEADER_SIZE), model["manifest"])
+        except GravelError as exc:
+            if client_status(exc) is None:
+                raise
+            raise ApiError(400, f"evaluation keys: {exc}") from None
+        except Exception as exc:  # noqa: BLE001 - TenSEAL/SEAL on hostile bytes
+            raise ApiError(400, f"evaluation keys: corrupt or truncated CKKS public context ({exc})") from None
+        return
     from concrete import fhe
 
     payload = upload.read(HEADER_SIZE)
@@ -304,10 +332,13 @@ async def _receive_inputs(request: Request, svc: Service, session: dict, model: 
                               head=(HEADER_SIZE, head_check))
 
 
-def _check_inputs(upload: BlobWriter, model: dict[str, Any], what: str) -> tuple[list[bytes], bool]:
+def _check_inputs(upload: BlobWriter, model: dict[str, Any], what: str, svc: Service,
+                  session: dict[str, Any]) -> tuple[list[bytes], bool]:
     """The body's input ciphertexts (one, or a batch), each checked (exact size, frame,
     program digest, the backend's deserializer) before anything is queued. The body is
-    mapped, not read, so only the items themselves are copied into memory."""
+    mapped, not read, so only the items themselves are copied into memory. A CKKS input is
+    checked against the session's keys by the engine (the key set it was made under, its
+    packing, level and scale): one CKKS input may hold a whole SIMD batch of images."""
     size: int | None = model["input_bytes"]
     digest = bytes.fromhex(model["digest"])
     with open(upload.path, "rb") as f:
@@ -331,8 +362,14 @@ def _check_inputs(upload: BlobWriter, model: dict[str, Any], what: str) -> tuple
             raise ApiError(400, f"{where}input ciphertext: {len(item)} bytes, and an input of {model['name']} is "
                                 f"exactly {size} bytes (truncated, or encrypted for another function or model)")
         try:
-            parse_blob(item, Kind.INPUT_CIPHERTEXT, digest)
-        except KeyMismatchError as exc:
+            if _is_ckks(model):
+                svc.engine.check_input(model["name"], svc.store.model_view(model), session["id"],
+                                       lambda: svc.store.read_blob(session["keys_sha"]), item)
+            else:
+                parse_blob(item, Kind.INPUT_CIPHERTEXT, digest)
+        except GravelError as exc:
+            if client_status(exc) is None:
+                raise
             raise ApiError(400, f"{where}{exc}") from None
     return items, batch
 
