@@ -90,3 +90,25 @@ def test_service_on_embedded_ray(tmp_path, service_artifact, digits, expected):
         assert "error e_" not in srv.log.read_text()
     finally:
         srv.stop()
+
+
+def test_ckks_batch_spread_over_embedded_ray_workers(tmp_path, ckks_artifact, digits):
+    """A CKKS batch of several SIMD groups on the Ray engine runs data-parallel on the workers
+    and decrypts to the clear program's result; one image stays in the service process."""
+    from gravel.ckks.artifact import load_program
+
+    program = load_program(ckks_artifact[0])
+    x = digits.x_test[:600]  # blocks of 256: three groups
+    clear = program.simulate(x)
+    srv = ServerProcess(tmp_path / "data", executor="ray").start(timeout_s=180)
+    try:
+        with Client(srv.url, token=ADMIN, cache_dir=tmp_path / "cache") as c:
+            c.deploy(ckks_artifact[0].root)
+            s = c.session("sq")
+            assert s.predict_batch(x) == [int(v) for v in clear.argmax(1)]
+            assert s.predict(x[0]) == int(clear[0].argmax())
+            engine = httpx.get(srv.url + "/v1/ready").json()["engine"]
+        assert "data-parallel (ckks) 1" in engine and "in-process (ckks) 1" in engine
+        assert "error e_" not in srv.log.read_text()
+    finally:
+        srv.stop()

@@ -26,9 +26,9 @@ from gravel.ckks.evaluator import Evaluator
 from gravel.ckks.params import CkksParams
 from gravel.ckks.program import CkksProgram, batch_matrices, simd_matrix, single_plan
 from gravel.errors import InputError, KeyMismatchError
-from gravel.protocol.framing import Kind, frame, unframe
+from gravel.protocol.framing import HEADER_SIZE, Kind, frame, unframe
 
-__all__ = ["MODES", "CkksServer", "check_public_context"]
+__all__ = ["MODES", "CkksServer", "check_public_context", "input_header"]
 
 MODES = ("single", "batch")
 
@@ -64,6 +64,15 @@ def check_public_context(ctx: PublicContext, params: CkksParams, steps: dict[str
                            f"({_few(missing[m])})" for m in MODES)
             + ": generate the keys with this model's client spec")
     return served
+
+
+def input_header(data: bytes) -> dict[str, Any]:
+    """The caller's header (mode, n) of an input blob, read without keys or the model: for
+    routing only (where to run it); `CkksServer.parse_input` checks the blob in full."""
+    data = bytes(data)
+    digest = data[6:HEADER_SIZE] if len(data) >= HEADER_SIZE else b""
+    payload = unframe(data, Kind.INPUT_CIPHERTEXT, digest, what="CKKS input")
+    return blob_parts(payload, what="CKKS input")[1]
 
 
 def _few(steps: list[int]) -> str:

@@ -10,10 +10,11 @@ request frees its slot without waiting for the whole inference.
 Evaluation keys are cached by bytes, not by count: one session's keys are tens to hundreds of
 megabytes, so a count says nothing about memory.
 
-CKKS models (gravel.service.ckks_runner) run in this process on both engines: the Ray engine
-hands them to an in-process `LocalEngine` of its own (its keys in that engine's cache), so a
-CKKS inference on a Ray-backed service runs whole in the service process, one per job slot.
-Running them on the Ray workers is the seam left for the cluster backend of CKKS.
+CKKS models (gravel.service.ckks_runner): one image, or a batch of one SIMD group, runs in this
+process on both engines (the Ray engine hands them to an in-process `LocalEngine` of its own,
+its keys in that engine's cache); a batch of several groups on the Ray engine is spread over
+Ray workers, whole groups each (gravel.cluster.ckks_executor), and runs in-process where the
+cluster has no free CPUs for them.
 `check_input` is the full check of a CKKS input against its session's keys, at submission.
 """
 
@@ -198,6 +199,9 @@ class RayEngine:
         # CKKS models run in this process for now (see the module doc)
         self._inprocess = LocalEngine(self.slots, key_cache_bytes)
         self._backends: dict[str, str] = {}
+        self._ckks: dict[str, object] = {}  # model -> CkksRayExecutor (None: no room on the cluster)
+        self._ckks_busy: dict[str, int] = {}
+        self._ckks_block: dict[str, int] = {}
 
     @property
     def description(self) -> str:
@@ -220,6 +224,9 @@ class RayEngine:
                     # requests run whole side by side (the executor chooses per request)
                     ex = RayExecutor(artifact, workers=self.slots, address=self.address)
                 except ClusterError:
+                    # CKKS executors with no batch running give their CPUs back (made anew later)
+                    for m in [m for m, e in self._ckks.items() if e is not None and not self._ckks_busy.get(m)]:
+                        self._ckks.pop(m).shutdown()
                     idle = [m for m in self._executors if self._inflight.get(m, 0) == 0]
                     if not idle and not self._executors:
                         raise
@@ -259,8 +266,47 @@ class RayEngine:
         if self._in_process(model, artifact):
             self._inprocess.check_input(model, artifact, session, keys, ciphertext)
 
+    def _ckks_spread(self, model: str, artifact: Path, ciphertext: bytes):
+        """The CKKS executor of a model for an input worth spreading (a batch of several
+        groups), else None."""
+        from gravel.ckks.server import input_header
+        from gravel.cluster.ckks_executor import CkksRayExecutor
+        from gravel.errors import ClusterError
+        from gravel.protocol import load_manifest
+
+        head = input_header(ciphertext)
+        with self._cond:
+            if model not in self._ckks_block:
+                self._ckks_block[model] = int(load_manifest(artifact, role="server", backends=("ckks",))
+                                              .data["packing"]["batch"]["block"])
+            n, block = head.get("n"), self._ckks_block[model]
+            if head.get("mode") != "batch" or not isinstance(n, int) or n <= block or self.slots < 2:
+                return None
+            if model not in self._ckks:
+                try:
+                    self._ckks[model] = CkksRayExecutor(artifact, workers=self.slots, address=self.address)
+                except ClusterError:
+                    self._ckks[model] = None
+            ex = self._ckks[model]
+            if ex is None or len(ex.server.split_batch(ciphertext, ex.workers)) < 2:
+                return None
+            self._ckks_busy[model] = self._ckks_busy.get(model, 0) + 1
+            return ex
+
     def infer(self, model, artifact, session, keys, ciphertext, progress, should_stop=None) -> bytes:
         if self._in_process(model, artifact):
+            ex = self._ckks_spread(model, artifact, ciphertext)
+            if ex is not None:
+                try:
+                    out = ex.run(keys(), ciphertext)
+                finally:
+                    with self._cond:
+                        self._ckks_busy[model] -= 1
+                if progress is not None:
+                    progress(1, 1)
+                with self._cond:
+                    self.modes["data-parallel (ckks)"] = self.modes.get("data-parallel (ckks)", 0) + 1
+                return out
             out = self._inprocess.infer(model, artifact, session, keys, ciphertext, progress, should_stop)
             with self._cond:
                 self.modes["in-process (ckks)"] = self.modes.get("in-process (ckks)", 0) + 1
@@ -302,6 +348,9 @@ class RayEngine:
         with self._cond:
             self._backends.pop(model, None)
             self._shutdown(model)
+            ckks = self._ckks.pop(model, None)
+        if ckks is not None:
+            ckks.shutdown()
 
     def close(self) -> None:
         import ray
@@ -309,6 +358,10 @@ class RayEngine:
         with self._cond:
             for m in list(self._executors):
                 self._shutdown(m)
+            for ex in self._ckks.values():
+                if ex is not None:
+                    ex.shutdown()
+            self._ckks.clear()
         if self._owns_ray:  # an embedded Ray's processes must not outlive the service
             ray.shutdown()
 
