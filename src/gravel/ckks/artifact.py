@@ -136,9 +136,11 @@ def load_client(artifact: str | Path | Manifest) -> CkksClient:
 
 def compile_ckks_model(model: Any, calib_x: np.ndarray, out: str | Path,
                        calib_y: np.ndarray | None = None, options: Any = None,
-                       name: str | None = None, overwrite: bool = False) -> Manifest:
-    """The whole CKKS compile: model (nn.Module, ONNX path, checkpoint, Graph) in, artifact out."""
+                       name: str | None = None, overwrite: bool = False,
+                       finetune_data: tuple[np.ndarray, np.ndarray] | None = None) -> Manifest:
+    """The whole CKKS compile: model (nn.Module, ONNX path, checkpoint, Graph) in, artifact out.
+    `finetune_data`: labelled samples for `options.finetune_epochs` (default: the calibration set)."""
     from gravel.ckks.compile import CkksOptions, compile_ckks
 
-    compiled, info = compile_ckks(model, calib_x, calib_y, options or CkksOptions(), name)
+    compiled, info = compile_ckks(model, calib_x, calib_y, options or CkksOptions(), name, finetune_data)
     return write_ckks_artifact(out, compiled, info, overwrite=overwrite)

@@ -43,13 +43,17 @@ class CkksOptions:
     `max_loss`. `precision_bits`: bits after the binary point wanted at the output.
     `batch_size`: the batch the SIMD packing is planned for; `batch_block`: samples per feature
     in one block of slots (a group), None: the cheapest for `batch_size` by the cost model of
-    `gravel.ckks.program.batch_cost`. Any batch runs, in groups of `batch_block`."""
+    `gravel.ckks.program.batch_cost`. Any batch runs, in groups of `batch_block`.
+    `finetune_epochs`: where fitted polynomials cost more than `max_loss`, train the program's
+    matrices that many epochs with the polynomials in place (gravel.ckks.finetune) on the
+    labelled fine-tuning samples (the calibration samples where none are given)."""
 
     degree: int | None = None
     max_loss: float = 0.01
     precision_bits: int = 11
     batch_size: int = 1000
     batch_block: int | None = None
+    finetune_epochs: int = 0
 
 
 @dataclass
@@ -227,8 +231,8 @@ def lower_graph(graph: Graph, calib: np.ndarray, labels: np.ndarray | None = Non
         loss = (report["accuracy_float"] - report["accuracy_polynomial"]) if labels is not None \
             else 1 - report["agreement_with_float"]
         if loss > 0.01:
-            notes.append("the polynomials cost more than 1 point: fine-tune the model with them in "
-                         "place (not automated yet), or use the TFHE backend")
+            notes.append("the polynomials cost more than 1 point: fine-tune with them in place "
+                         "(gravel compile --backend ckks --finetune EPOCHS), or use the TFHE backend")
     return CkksCompiled(program, polys, report, notes)
 
 
@@ -327,7 +331,8 @@ def _depth_breakdown(program: CkksProgram) -> str:
 
 
 def compile_ckks(model: Any, calib_x: np.ndarray, calib_y: np.ndarray | None = None,
-                 options: CkksOptions = CkksOptions(), name: str | None = None
+                 options: CkksOptions = CkksOptions(), name: str | None = None,
+                 finetune_data: tuple[np.ndarray, np.ndarray] | None = None,
                  ) -> tuple[CkksCompiled, dict[str, Any]]:
     """Import, canonicalise, lower and plan a model (nn.Module, ONNX path, checkpoint, Graph)."""
     from gravel.compiler.passes import canonicalise
@@ -345,12 +350,37 @@ def compile_ckks(model: Any, calib_x: np.ndarray, calib_y: np.ndarray | None = N
         state["c"] = lower_graph(g, calib, calib_y, options)
         return g
 
+    def _finetune(g: Graph) -> Graph:
+        c = state["c"]
+        loss = (c.report["accuracy_float"] - c.report["accuracy_polynomial"]
+                if "accuracy_float" in c.report else 1 - c.report["agreement_with_float"])
+        if options.finetune_epochs < 1 or c.report["exact"] or loss <= options.max_loss:
+            return g
+        fx, fy = finetune_data if finetune_data is not None else (calib, calib_y)
+        if fy is None:
+            raise ModelError("fine-tuning needs labels: give the calibration labels or fine-tuning data")
+        from gravel.ckks.finetune import finetune_program
+
+        result = finetune_program(c.program, fx, fy, options.finetune_epochs)
+        sim = c.program.simulate(calib)
+        c.report["finetune"] = result
+        c.report["max_abs_decrypted"] = float(np.max(np.abs(sim - c.program.out_offset))
+                                              / max(abs(c.program.out_scale), 1e-300))
+        if calib_y is not None:
+            c.report["accuracy_polynomial"] = float((sim.argmax(1) == np.asarray(calib_y)).mean())
+        c.notes.append(f"fine-tuned {result['epochs']} epochs with the polynomials in place on "
+                       f"{result['samples']} samples: accuracy there {100 * result['accuracy_before']:.1f} % "
+                       f"-> {100 * result['accuracy_after']:.1f} %")
+        return g
+
     def _plan(g: Graph) -> Graph:
         c = state["c"]
         plan_program(c.program, options, c.report["max_abs_decrypted"], info.get("name", "model"))
         return g
 
-    run_passes(graph, [Pass("lower to CKKS stages", _lower), Pass("plan CKKS parameters and packing", _plan)],
+    run_passes(graph, [Pass("lower to CKKS stages", _lower),
+                       Pass("fine-tune with the polynomials in place", _finetune),
+                       Pass("plan CKKS parameters and packing", _plan)],
                check=lambda g: None)
     compiled = state["c"]
     compiled.report["graph_notes"] = list(graph.notes)

@@ -66,9 +66,13 @@ def _compile_ckks(args: argparse.Namespace) -> None:
 
     data = load_data(args)
     t = time.perf_counter()
+    options = ckks_options(args)
+    tune = None
+    if options.finetune_epochs:  # the training set (up to 10,000 samples), not the calibration one
+        tune = (data.x_train[:10_000], data.y_train[:10_000])
     manifest = compile_ckks_model(args.model, calib_images(data, args.calib), args.out,
-                                  calib_labels(data, args.calib), ckks_options(args), name=args.name,
-                                  overwrite=args.force)
+                                  calib_labels(data, args.calib), options, name=args.name,
+                                  overwrite=args.force, finetune_data=tune)
     backend, report = manifest.data["backend"], manifest.data["model"]["report"]
     params = backend["params"]
     print(f"compiled {manifest.name} for CKKS in {time.perf_counter() - t:.1f} s -> {args.out}")

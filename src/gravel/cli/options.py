@@ -74,6 +74,9 @@ def add_backend_options(p: argparse.ArgumentParser) -> None:
                         "(default: the lowest of 2-4 that costs at most 1 point on the calibration set)")
     g.add_argument("--precision-bits", type=int, default=d.precision_bits,
                    help=f"ckks: bits after the binary point wanted at the output (default {d.precision_bits})")
+    g.add_argument("--finetune", type=int, default=d.finetune_epochs, metavar="EPOCHS",
+                   help="ckks: where fitted polynomials cost more than 1 point, fine-tune the model that "
+                        "many epochs with them in place, on up to 10,000 training samples (default off)")
     g.add_argument("--batch-size", type=int, default=d.batch_size,
                    help=f"ckks: the batch size the SIMD packing is planned for (default {d.batch_size})")
     g.add_argument("--batch-block", type=int, default=d.batch_block,
@@ -86,4 +89,5 @@ def ckks_options(args: argparse.Namespace) -> Any:
     from gravel.ckks.compile import CkksOptions
 
     return CkksOptions(degree=args.poly_degree, precision_bits=args.precision_bits,
-                       batch_size=args.batch_size, batch_block=args.batch_block)
+                       batch_size=args.batch_size, batch_block=args.batch_block,
+                       finetune_epochs=args.finetune)
