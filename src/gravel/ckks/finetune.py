@@ -80,5 +80,5 @@ def finetune_program(program: CkksProgram, x: np.ndarray, y: np.ndarray, epochs:
         if st.weight is not None:
             st.weight, st.bias = best[k].numpy().copy(), best[k + 1].numpy().copy()
             k += 2
-    return {"samples": int(len(x)), "epochs": int(epochs), "accuracy_before": before,
+    return {"samples": len(x), "epochs": epochs, "accuracy_before": before,
             "accuracy_after": _accuracy(program.simulate(x), y)}

@@ -93,7 +93,8 @@ def cmd_check(args: argparse.Namespace) -> None:
 
     r = check(args.model, load_data(args), samples=args.samples, sim_samples=args.sim_samples,
               fhe_samples=args.fhe_samples, config=quant_config(args), calib=args.calib,
-              p_error=args.p_error, max_shards=args.shards or 1, progress=not args.quiet)
+              p_error=args.p_error, max_shards=args.shards or 1, progress=not args.quiet,
+              advice=not args.no_advice, batch=args.batch_size)
     if args.json:
         print(json.dumps(r))
     if not r["supported"]:
@@ -201,6 +202,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--samples", type=int, default=500)
     p.add_argument("--sim-samples", type=int, default=100)
     p.add_argument("--fhe-samples", type=int, default=3)
+    p.add_argument("--batch-size", type=int, default=1,
+                   help="the batch size to advise a backend for (TFHE or CKKS; default 1)")
+    p.add_argument("--no-advice", action="store_true", help="skip the CKKS compile and the backend advice")
     p.add_argument("--json", action="store_true")
     add_quant_options(p)
     p.set_defaults(func=cmd_check)

@@ -139,9 +139,12 @@ def check(
     calib: int = 500,
     progress: bool = True,
     estimate: bool = True,
+    advice: bool = False,
+    batch: int = 1,
     **compile_kwargs: Any,
 ) -> dict[str, Any]:
-    """The report as a dict; `supported: False` with every problem when the model cannot run."""
+    """The report as a dict; `supported: False` with every problem when the model cannot run.
+    `advice`: also compile for CKKS and say which backend suits batches of `batch` samples."""
     calib_x = calib_images(data, calib)
     try:
         compiled = build(model, calib_x, config, compile_kwargs.get("max_shards") or 1, calib_labels(data, calib))
@@ -193,6 +196,10 @@ def check(
         result["encrypted_samples"] = real["samples"]
         result["eval_key_bytes"] = real["eval_key_bytes"]
         result["latency_s"] = real["latency_s"]
+    if advice:
+        from gravel.harness.advice import backend_advice
+
+        result["backends"] = backend_advice(model, data, result, batch=batch, calib=calib, samples=samples)
     return result
 
 
@@ -217,4 +224,8 @@ def format_check(result: dict[str, Any]) -> str:
         lines.append(f"real encryption on {r['encrypted_samples']} samples: accuracy {r['accuracy_encrypted']:.4f}, "
                      f"agreement {r['encrypted_agreement']:.3f}, {r['latency_s']:.2f} s each, "
                      f"evaluation keys {r['eval_key_bytes'] / 1e6:.1f} MB")
+    if "backends" in r:
+        from gravel.harness.advice import format_advice
+
+        lines.append(format_advice(r["backends"]))
     return "\n".join(lines)
