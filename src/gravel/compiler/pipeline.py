@@ -82,6 +82,11 @@ def build(model: Any, calib_x: np.ndarray, config: QuantConfig = QuantConfig(),
     return Compiled(source, graph, state["q"], state["stages"], state["plan"], info, state["config"])
 
 
+# The widest integer a rung may produce: with wider ones (a 5/8/6/8 rung gave cnn_global_pool's
+# final Gemm 17 bits) concrete-python 2.11 finds no cryptographic parameters at all.
+MAX_INTEGER_BITS = 16
+
+
 def search_quantize(graph: Graph, calib: np.ndarray, config: QuantConfig,
                     labels: np.ndarray | None = None) -> tuple[QGraph, QuantConfig]:
     """The cheapest rung of `config.ladder()` that keeps the float model's accuracy on the
@@ -97,9 +102,11 @@ def search_quantize(graph: Graph, calib: np.ndarray, config: QuantConfig,
     activation and lookup widths of the cheapest earlier rung that still passes and flips at
     most half a percent more of the calibration predictions than the rung did, so only the
     layers that need the wider lookups pay for them."""
+    import math
     from dataclasses import replace
 
     from gravel.compiler.ir import evaluate
+    from gravel.compiler.qgraph import signed_width
     from gravel.compiler.quantize import _Quantizer
 
     reference = np.asarray(evaluate(graph, calib)).reshape(len(calib), -1).argmax(1)
@@ -113,6 +120,8 @@ def search_quantize(graph: Graph, calib: np.ndarray, config: QuantConfig,
     def judge(cfg: QuantConfig) -> tuple[float, float, QGraph, list[str]]:
         quantizer = _Quantizer(graph, calib, cfg)
         q = quantizer.run()
+        if max(signed_width(n.lo, n.hi) for n in q.nodes) > MAX_INTEGER_BITS:
+            return math.inf, math.inf, q, quantizer.lut_keys  # concrete finds no parameters
         pred = q.predict(calib)
         flips = float((pred != reference).mean())
         gap = float_acc - float((pred == labels).mean()) if labels is not None else flips
