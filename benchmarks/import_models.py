@@ -53,24 +53,41 @@ class Block(nn.Module):
 
 
 class SmallResNet(nn.Module):
-    """stem (stride 2) -> residual block -> strided conv -> global average pool -> linear."""
+    """stem (stride 2) -> residual block at 14x14 -> strided conv -> `deep` residual blocks at
+    7x7 -> global average pool -> linear."""
 
-    def __init__(self, c: int = 8) -> None:
+    def __init__(self, c: int = 8, deep: int = 1) -> None:
         super().__init__()
         self.stem = nn.Sequential(nn.Conv2d(1, c, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(c), nn.ReLU())
         self.block = Block(c)
         self.down = nn.Sequential(nn.Conv2d(c, 2 * c, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(2 * c),
                                   nn.ReLU())
+        self.deep = nn.Sequential(*[Block(2 * c) for _ in range(deep)])
         self.head = nn.Linear(2 * c, 10)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.down(self.block(self.stem(x)))
+        h = self.deep(self.down(self.block(self.stem(x))))
         return self.head(nn.functional.adaptive_avg_pool2d(h, 1).flatten(1))
 
 
-def train(model: nn.Module, x: np.ndarray, y: np.ndarray, epochs: int, lr: float) -> nn.Module:
+def augment(x: torch.Tensor) -> torch.Tensor:
+    """Random horizontal flips and shifts of up to 2 pixels (zero fill), per image."""
+    n = len(x)
+    flip = torch.rand(n) < 0.5
+    x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+    padded = nn.functional.pad(x, (2, 2, 2, 2))
+    dy, dx = torch.randint(0, 5, (2, n))
+    h, w = x.shape[-2:]
+    rows = (dy[:, None] + torch.arange(h)[None])[:, None, :, None].expand(n, x.shape[1], h, w + 4)
+    out = padded.gather(2, rows)
+    cols = (dx[:, None] + torch.arange(w)[None])[:, None, None, :].expand(n, x.shape[1], h, w)
+    return out.gather(3, cols)
+
+
+def train(model: nn.Module, x: np.ndarray, y: np.ndarray, epochs: int, lr: float, aug: bool = False) -> nn.Module:
     torch.manual_seed(0)
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=5e-4) if aug else torch.optim.Adam(
+        model.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs * ((len(x) + 127) // 128))
     xt, yt = torch.from_numpy(x).float(), torch.from_numpy(y).long()
     for epoch in range(epochs):
@@ -79,7 +96,8 @@ def train(model: nn.Module, x: np.ndarray, y: np.ndarray, epochs: int, lr: float
         for i in range(0, len(xt), 128):
             idx = perm[i : i + 128]
             opt.zero_grad()
-            nn.functional.cross_entropy(model(xt[idx]), yt[idx]).backward()
+            xb = augment(xt[idx]) if aug else xt[idx]
+            nn.functional.cross_entropy(model(xb), yt[idx]).backward()
             opt.step()
             sched.step()
         print(f"epoch {epoch + 1}/{epochs}", file=sys.stderr)
@@ -99,8 +117,9 @@ def main() -> None:
     ap.add_argument("model", choices=["mlp", "resnet"])
     ap.add_argument("--samples", type=int, default=None, help="encrypted test images (default 30 mlp, 3 resnet)")
     ap.add_argument("--exporter", choices=["dynamo", "legacy"], default="dynamo")
-    ap.add_argument("--epochs", type=int, help="training epochs when no cached model (default 30 mlp, 24 resnet)")
+    ap.add_argument("--epochs", type=int, help="training epochs when no cached model (default 30 mlp, 30 resnet)")
     ap.add_argument("--width", type=int, default=8, help="resnet: channels of the first stage (default 8)")
+    ap.add_argument("--deep", type=int, default=1, help="resnet: residual blocks at the 7x7 stage (default 1)")
     ap.add_argument("--shards", type=int, default=1, help="most shards per stage (1: one process, fused)")
     ap.add_argument("--in-bits", type=int)
     ap.add_argument("--w-bits", type=int)
@@ -116,10 +135,10 @@ def main() -> None:
 
     data = load_dataset("mnist" if args.model == "mlp" else "fashion-mnist")
     RUNS.mkdir(exist_ok=True)
-    tag = args.model if args.model == "mlp" else f"resnet{args.width}"
+    tag = args.model if args.model == "mlp" else f"resnet{args.width}d{args.deep}"
     onnx_path = RUNS / f"{tag}-{args.exporter}.onnx"
-    weights = RUNS / (f"{args.model}.pt" if args.model == "mlp" else f"resnet{args.width}.pt")
-    model = ReferenceMLP() if args.model == "mlp" else SmallResNet(args.width)
+    weights = RUNS / f"{tag}.pt"
+    model = ReferenceMLP() if args.model == "mlp" else SmallResNet(args.width, args.deep)
     t = time.perf_counter()
     if weights.exists():
         model.load_state_dict(torch.load(weights, weights_only=True))
@@ -128,14 +147,15 @@ def main() -> None:
         if args.model == "mlp":
             train(model, data.x_train, data.y_train, epochs=args.epochs or 30, lr=2e-3)
         else:
-            train(model, data.x_train, data.y_train, epochs=args.epochs or 24, lr=3e-3)
+            train(model, data.x_train, data.y_train, epochs=args.epochs or 30, lr=3e-3, aug=True)
         torch.save(model.state_dict(), weights)
     train_s = time.perf_counter() - t
     if not onnx_path.exists():
         export(model, torch.from_numpy(data.x_test[:1]).float(), onnx_path, args.exporter)
     with torch.no_grad():
-        acc_float = float((model(torch.from_numpy(data.x_test[:2000]).float()).argmax(1).numpy()
-                           == data.y_test[:2000]).mean())
+        float_pred = model(torch.from_numpy(data.x_test).float()).argmax(1).numpy()
+    acc_float = float((float_pred[:2000] == data.y_test[:2000]).mean())
+    acc_float_all = float((float_pred == data.y_test).mean())
     given = {k: getattr(args, k) for k in ("in_bits", "w_bits", "a_bits", "tlu_bits") if getattr(args, k)}
     config = QuantConfig(**given, search=not given)  # defaults: the compiler's own search
     kwargs = {"max_shards": args.shards}
@@ -148,13 +168,17 @@ def main() -> None:
     compile_s = time.perf_counter() - t
     from gravel.compiler import load_graph
 
-    acc_quant = float((load_graph(manifest).predict(data.x_test[:2000]) == data.y_test[:2000]).mean())
+    quant_pred = load_graph(manifest).predict(data.x_test)
+    acc_quant = float((quant_pred[:2000] == data.y_test[:2000]).mean())
+    acc_quant_all = float((quant_pred == data.y_test).mean())
     samples = args.samples or (30 if args.model == "mlp" else 3)
     r = bench(art, data, samples=samples, progress=False)
     r.update({
         "benchmark": f"import-{args.model}", "exporter": args.exporter, "onnx": onnx_path.name,
         "accuracy_float_2000": acc_float, "accuracy_quantized_2000": acc_quant,
-        "loss_points": round(100 * (acc_float - acc_quant), 2), "table_lookups": manifest.data["stats"]["table_lookups"],
+        "loss_points": round(100 * (acc_float - acc_quant), 2),
+        f"accuracy_float_{len(data.y_test)}": acc_float_all, f"accuracy_quantized_{len(data.y_test)}": acc_quant_all,
+        "table_lookups": manifest.data["stats"]["table_lookups"],
         "config": {"in_bits": config.in_bits, "w_bits": config.w_bits, "a_bits": config.a_bits,
                    "tlu_bits": config.tlu_bits, "p_error": manifest.data["backend"]["p_error"]},
         "compile_s": round(compile_s, 1), "train_s": round(train_s, 1), "cpus": os.cpu_count(),

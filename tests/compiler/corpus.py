@@ -153,7 +153,7 @@ class Concat(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = torch.cat([torch.tanh(self.a(x)), torch.sigmoid(self.b(x))], dim=1)
         y = F.max_pool2d(y, 2)
-        return self.fc(y.view(y.size(0), -1))
+        return self.fc(y.reshape(y.size(0), -1))
 
 
 class Normalised(nn.Module):

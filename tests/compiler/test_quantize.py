@@ -162,3 +162,38 @@ def test_a_stage_with_per_channel_lookups_splits_into_shard_functions():
     assert compiled.plan.stages[0].functions == ("stage0_0", "stage0_1"), compiled.notes  # no fallback
     assert hasattr(module, "stage0_1") and not hasattr(module, "fused")
     assert np.array_equal(simulate(module, compiled, x[:10]), compiled.qgraph.predict(x[:10]))
+
+
+def test_node_tlu_bits_widens_only_the_named_lookup():
+    rng = np.random.default_rng(2)
+    c = canonicalise(residual_cnn(rng))
+    x = rng.random((100, 1, 8, 8))
+    base = quantize(c, x, QuantConfig(tlu_bits=3, search=False))
+    luts = [n for n in base.nodes if n.op == "lut" and n.attrs["lsbs"] >= 2]
+    assert luts, "the narrow setting should round some accumulator"
+    key = luts[0].name
+    wide = quantize(c, x, QuantConfig(tlu_bits=3, search=False, node_tlu_bits=((key, 5),)))
+    assert wide.node(key).attrs["lsbs"] == base.node(key).attrs["lsbs"] - 2
+    # the others keep 3-bit lookups (their accumulators may move a little: the values upstream did)
+    for n in wide.nodes:
+        if n.op == "lut" and n.name != key and n.attrs["lsbs"]:
+            assert n.attrs["acc_bits"] - n.attrs["lsbs"] == 3
+
+
+def test_search_climbs_from_a_failing_start_and_keeps_what_it_promises():
+    from gravel.compiler.pipeline import search_quantize
+
+    rng = np.random.default_rng(3)
+    c = canonicalise(mlp(rng, dict(fn="relu")))
+    x = rng.random((300, 64))
+    start = QuantConfig(in_bits=2, w_bits=3, a_bits=2, tlu_bits=3)
+    reference = np.asarray(evaluate(c, x)).argmax(1)
+    assert (quantize(c, x, start).predict(x) != reference).mean() > start.max_disagreement
+    q, rung = search_quantize(c, x, start)
+    flips = float((q.predict(x) != reference).mean())
+    assert flips <= start.max_disagreement
+    assert rung.tlu_bits > start.tlu_bits and rung.in_bits >= 4
+    # a narrowed lookup takes an earlier rung's width, never more than the chosen rung's
+    widths = {n.attrs["acc_bits"] - n.attrs["lsbs"] for n in q.nodes if n.op == "lut" and n.attrs["lsbs"]}
+    assert widths and max(widths) <= rung.tlu_bits
+    assert f"{rung.tlu_bits}-bit lookups" in q.notes[-1] and "wanted <= 3.0 %" in q.notes[-1]

@@ -97,36 +97,53 @@ def stage_widths(compiled: Compiled) -> list[dict[str, Any]]:
 def _culprit(model: Any, compiled: Compiled, calib_x: np.ndarray, x: np.ndarray, y: np.ndarray,
              acc_float: float, config: QuantConfig) -> list[str]:
     """The layer whose bits, raised alone, recover most accuracy, and the fewest bits that keep
-    the model within TOLERANCE of float."""
+    the model within TOLERANCE of float. A layer's bits are its weights (Gemm/Conv), its
+    activation's output levels, or the width of the lookup computing it (the accumulator is
+    rounded to that width first, often what loses most in convolutions)."""
     from dataclasses import replace
 
-    from gravel.compiler.quantize import quantize
+    from gravel.compiler.quantize import _Quantizer, quantize
 
     g = compiled.graph
-    candidates = [n.name for n in g.nodes if n.op in ("act", "gemm", "conv")]
-    candidates.append("input")
+    calib = conform_batch(calib_x, g.input_shape)
+    candidates: list[tuple[str, str]] = [("bits", n.name) for n in g.nodes if n.op in ("act", "gemm", "conv")]
+    candidates.append(("bits", "input"))
+    lookups = _Quantizer(g, calib, config)
+    lookups.run()
+    candidates += [("lookup", key) for key in dict.fromkeys(lookups.lut_keys)]
 
-    def accuracy(bits: dict[str, int]) -> float:
-        cfg = replace(config, node_bits=tuple(bits.items()))
-        if "input" in bits:
-            cfg = replace(cfg, in_bits=bits["input"])
-        q = quantize(g, conform_batch(calib_x, g.input_shape), cfg)
+    def accuracy(kind: str, name: str, bits: int) -> float:
+        if kind == "lookup":
+            cfg = replace(config, node_tlu_bits=config.node_tlu_bits + ((name, bits),))
+        elif name == "input":
+            cfg = replace(config, in_bits=bits)
+        else:
+            cfg = replace(config, node_bits=config.node_bits + ((name, bits),))
+        q = quantize(g, calib, cfg)
         return float((q.predict(x) == y).mean())
 
-    gains = {name: accuracy({name: 8}) for name in candidates}
+    top = {"bits": 8, "lookup": 12}
+    gains = {c: accuracy(*c, top[c[0]]) for c in candidates}
     best = max(gains, key=gains.get)
     base = float((compiled.qgraph.predict(x) == y).mean())
     if gains[best] <= base:
-        return [f"no single layer recovers the loss: raise the defaults (--a-bits, --w-bits, --in-bits, --tlu-bits)"]
-    node = g.node(best) if best != "input" else None
-    what = "input" if node is None else f"layer '{node.source or node.name}' ({node.op})"
-    kind = "--in-bits" if node is None else ("weight bits" if node.op in ("gemm", "conv") else "activation bits")
-    for bits in range(2, 9):
-        if acc_float - accuracy({best: bits}) <= TOLERANCE:
-            return [f"{what} loses the most accuracy: {bits} {kind} keep the model within "
-                    f"{100 * TOLERANCE:.1f} points of float ({100 * gains[best]:.1f} % at 8 bits)"]
-    return [f"{what} loses the most accuracy, but even 8 bits there leave "
-            f"{100 * (acc_float - gains[best]):.1f} points: raise the defaults too"]
+        return ["no single layer recovers the loss: raise the defaults (--a-bits, --w-bits, --in-bits, --tlu-bits)"]
+    kind, name = best
+    node = g.node(name) if name in {n.name for n in g.nodes} else None
+    what = "input" if name == "input" else f"layer '{(node.source or node.name) if node else name}'" + (
+        f" ({node.op})" if node else "")
+    if kind == "lookup":
+        unit, first = "-bit lookups", config.tlu_for(name) + 1
+    elif node is None:
+        unit, first = " input bits (--in-bits)", 2
+    else:
+        unit, first = " weight bits" if node.op in ("gemm", "conv") else " activation bits", 2
+    for bits in range(first, top[kind] + 1):
+        if acc_float - accuracy(kind, name, bits) <= TOLERANCE:
+            return [(f"{what} loses the most accuracy: {bits}{unit} keep the model within "
+                     f"{100 * TOLERANCE:.1f} points of float ({100 * gains[best]:.1f} % at {top[kind]})")]
+    return [(f"{what} loses the most accuracy, but even {top[kind]}{unit} there leave "
+             f"{100 * (acc_float - gains[best]):.1f} points: raise the defaults too")]
 
 
 def check(
