@@ -56,3 +56,25 @@ def test_another_models_input_is_the_clients_fault(digits, cluster, tmp_path):
     other.keygen(("batch",))  # same model, other keys: ciphertexts of another context
     with pytest.raises(KeyMismatchError):
         executor.run(client.evaluation_keys(), other.encrypt(digits.x_test[:100]))
+
+
+def test_one_images_first_matrix_split_among_workers(digits, cluster):
+    """Partial products of the first matrix's diagonal blocks, added by the driver, give the
+    whole product: the image decrypts as in one process."""
+    from gravel.ckks.artifact import load_server
+    from gravel.cluster.ckks_executor import CkksRayExecutor
+
+    m, client, executor = cluster
+    keys = client.evaluation_keys()
+    srv = load_server(m.root)
+    ctx = srv.load_keys(keys)
+    blob = client.encrypt(digits.x_test[3])
+    alone = client.decrypt(srv.run(ctx, blob))
+    parts = [srv.single_part(ctx, blob, i, 2) for i in range(2)]
+    np.testing.assert_allclose(client.decrypt(srv.single_finish(ctx, parts)), alone, atol=1e-2)
+    executor.shutdown()
+    split = CkksRayExecutor(m.root, workers=2, split_single=True)
+    try:
+        np.testing.assert_allclose(client.decrypt(split.run(keys, blob)), alone, atol=1e-2)
+    finally:
+        split.shutdown()

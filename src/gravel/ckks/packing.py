@@ -233,9 +233,11 @@ class LinearMap:
         return cached
 
     def apply(self, ev: Evaluator, inputs: Sequence[Ciphertext | None],
-              op: str = "a linear map") -> list[Ciphertext]:
+              op: str = "a linear map", part: tuple[int, int] | None = None) -> list[Ciphertext]:
         """The output ciphertexts (`out_chunks` of them, one level below the inputs).
-        `inputs[c]` is input ciphertext c (None where the map reads nothing from it)."""
+        `inputs[c]` is input ciphertext c (None where the map reads nothing from it).
+        `part=(i, n)`: only giant steps i, i + n, ... of each output: a partial sum (the map
+        split among n workers; the n partial outputs add up to the whole)."""
         present = [c for c in inputs if c is not None]
         if not present:
             raise InputError(f"{op}: no input ciphertexts")
@@ -249,11 +251,17 @@ class LinearMap:
                 raise InputError(f"{op}: the map reads input ciphertext {ic}, which is missing")
         plan = self.plan()
         encoded = self._encoded_at(ev, level)
-        baby = {ic: {b: ev.rotate(xs[ic], b) for b in bs} for ic, bs in plan.baby.items()}
+        giants = {oc: ts if part is None else ts[part[0]::part[1]] for oc, ts in plan.giant.items()}
+        used: dict[int, set[int]] = {}
+        for oc, ts in giants.items():
+            for t in ts:
+                for ic, k in plan.terms.get((oc, t), []):
+                    used.setdefault(ic, set()).add(k % plan.g)
+        baby = {ic: {b: ev.rotate(xs[ic], b) for b in sorted(bs)} for ic, bs in used.items()}
         outs = []
         for oc in range(self.out_chunks):
             total = None
-            for t in plan.giant.get(oc, []):
+            for t in giants.get(oc, []):
                 inner = None
                 for ic, k in plan.terms.get((oc, t), []):
                     prod = ev.mul_encoded(baby[ic][k % plan.g], encoded[(ic, oc, k)],

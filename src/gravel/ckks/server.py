@@ -206,19 +206,55 @@ class CkksServer:
             return 1
         return -(-self.program.n_in // self.slots) if self.program.n_in > self.slots else 1
 
-    def single(self, ev: Evaluator, cts: list[Ciphertext]) -> list[Ciphertext]:
-        """One image through every stage (diagonal method)."""
-        plan = self._plan
-        for st, lm, sm, bias in zip(self.program.stages, plan.maps, plan.sums, self._single_bias):
-            if lm is not None:
-                cts = lm.apply(ev, cts, op=f"stage {st.source or '?'}")
-                if sm is not None:
-                    cts = [ev.rotate_sum(ct, sm[0], sm[1]) for ct in cts]
-                bias = bias + [None] * (len(cts) - len(bias))
-                cts = [ev.add_plain(ct, b) if b is not None else ct for ct, b in zip(cts, bias)]
-            if st.poly is not None:
-                cts = [ev.polyval(ct, st.poly, op=f"activation after {st.source or '?'}") for ct in cts]
+    def single(self, ev: Evaluator, cts: list[Ciphertext], start: int = 0) -> list[Ciphertext]:
+        """One image through every stage from `start` (diagonal method)."""
+        for k in range(start, len(self.program.stages)):
+            cts = self._single_stage(ev, k, cts)
         return cts
+
+    def _single_stage(self, ev: Evaluator, k: int, cts: list[Ciphertext],
+                      mapped: list[Ciphertext] | None = None) -> list[Ciphertext]:
+        """Stage k on one image; `mapped`: its matrix product, already computed (the sum of
+        the workers' partial products)."""
+        st, lm, sm, bias = self.program.stages[k], self._plan.maps[k], self._plan.sums[k], self._single_bias[k]
+        if lm is not None:
+            cts = mapped if mapped is not None else lm.apply(ev, cts, op=f"stage {st.source or '?'}")
+            if sm is not None:
+                cts = [ev.rotate_sum(ct, sm[0], sm[1]) for ct in cts]
+            bias = bias + [None] * (len(cts) - len(bias))
+            cts = [ev.add_plain(ct, b) if b is not None else ct for ct, b in zip(cts, bias)]
+        if st.poly is not None:
+            cts = [ev.polyval(ct, st.poly, op=f"activation after {st.source or '?'}") for ct in cts]
+        return cts
+
+    # -- one image's first matrix across workers -----------------------------------------
+    def single_part(self, ctx: PublicContext, data: bytes, part: int, parts: int) -> bytes:
+        """A worker's share of one image's first matrix: its giant steps' partial product
+        (rescaled; the shares add up to the product), framed for `single_finish`."""
+        mode, _, cts = self.parse_input(ctx, data)
+        lm = self._plan.maps[0]
+        if mode != "single" or lm is None or not 0 <= part < parts:
+            raise InputError("a partial first matrix is for one image of a model whose first stage is a matrix")
+        out = lm.apply(Evaluator(ctx), cts, op="first matrix (part)", part=(part, parts))
+        return frame(Kind.OUTPUT_CIPHERTEXT, self.digest,
+                     dump_ciphertexts(ctx, out, {"mode": "partial", "n": 1, "part": part}))
+
+    def single_finish(self, ctx: PublicContext, parts: list[bytes]) -> bytes:
+        """One image's output from the workers' `single_part` shares: their sum is the first
+        matrix's product; the rest of the network runs here."""
+        ev = Evaluator(ctx)
+        total: list[Ciphertext] | None = None
+        for i, blob in enumerate(parts):
+            payload = unframe(bytes(blob), Kind.OUTPUT_CIPHERTEXT, self.digest, what="CKKS partial product")
+            cts, head, _ = load_ciphertexts(ctx, payload, what="CKKS partial product")
+            if head.get("mode") != "partial" or head.get("part") != i:
+                raise KeyMismatchError(f"CKKS partial product {i}: not the share expected")
+            total = cts if total is None else [ev.add(a, b) for a, b in zip(total, cts)]
+        if total is None:
+            raise InputError("no partial products to add")
+        out = self._single_stage(ev, 0, [], mapped=total)
+        out = self.single(ev, out, start=1)
+        return frame(Kind.OUTPUT_CIPHERTEXT, self.digest, dump_ciphertexts(ctx, out, {"mode": "single", "n": 1}))
 
     def batch(self, ev: Evaluator, groups: list[list[Ciphertext]],
               sizes: list[int]) -> list[list[Ciphertext]]:

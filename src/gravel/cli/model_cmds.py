@@ -133,9 +133,9 @@ def _bench_ckks(args: argparse.Namespace) -> None:
     workers = None
     if args.workers:
         counts = int_list(args.workers)
-        if len(counts) != 1 or counts[0] < 1 or not args.batch:
-            raise GravelError(f"--workers {args.workers!r} with --backend ckks: give one worker count, "
-                              "with --batch (a batch's groups are spread over the workers)")
+        if len(counts) != 1 or counts[0] < 1:
+            raise GravelError(f"--workers {args.workers!r} with --backend ckks: give one worker count "
+                              "(a batch's groups, or one image's first matrix, are spread over them)")
         workers = counts[0]
     r = bench_ckks(args.model, load_data(args), samples=args.samples, batch=args.batch, calib=args.calib,
                    options=ckks_options(args), progress=not args.quiet and not args.json,

@@ -4,7 +4,9 @@ A CKKS batch is packed in groups of `block` samples (see gravel.ckks.program); t
 independent, so the driver cuts the client's input blob into runs of whole groups at the byte
 level (`CkksServer.split_batch`: no keys, no ciphertext parsed), each worker evaluates its run
 with the session's public context (deserialized once per worker and kept), and the driver
-joins the output blobs in order. One image, or a batch of one group, runs on one worker.
+joins the output blobs in order. A batch of one group runs on one worker; one image runs on one
+worker, or (`split_single`) its first matrix is split among the workers by diagonal blocks
+whose partial products the driver adds before running the rest.
 
 Each worker is one process with one CPU: SEAL through TenSEAL holds Python's GIL during every
 operation, so processes, not threads, are how a batch uses several cores.
@@ -46,6 +48,12 @@ class CkksWorker:
         return True
 
     def run(self, keys: bytes, data: bytes) -> bytes:
+        return self.server.run(self._context(keys), data)
+
+    def part(self, keys: bytes, data: bytes, part: int, parts: int) -> bytes:
+        return self.server.single_part(self._context(keys), data, part, parts)
+
+    def _context(self, keys: bytes) -> Any:
         digest = hashlib.sha256(keys).digest()
         ctx = self.contexts.get(digest)
         if ctx is None:
@@ -54,18 +62,22 @@ class CkksWorker:
             while len(self.contexts) > MAX_CONTEXTS:
                 self.contexts.popitem(last=False)
         self.contexts.move_to_end(digest)
-        return self.server.run(ctx, data)
+        return ctx
 
 
 class CkksRayExecutor:
     """Runs one CKKS artifact's inferences on a Ray cluster.
 
     `address=None` (and no RAY_ADDRESS) starts an embedded single-machine Ray. `workers=None`:
-    one worker per CPU of the cluster.
+    one worker per CPU of the cluster. `split_single`: one image's first (largest) matrix is
+    split among the workers by giant steps of its diagonals, each returning its partial
+    product, and the driver adds them and runs the rest of the network (it loads the session's
+    public context too); otherwise one image runs whole on one worker.
     """
 
     def __init__(self, artifact: str | Path, workers: int | None = None, address: str | None = None,
-                 start_timeout_s: float = 60.0, timeout_s: float = 600.0) -> None:
+                 start_timeout_s: float = 60.0, timeout_s: float = 600.0,
+                 split_single: bool = False) -> None:
         import ray
 
         from gravel.ckks.artifact import load_server
@@ -89,6 +101,8 @@ class CkksRayExecutor:
             self.shutdown()
             raise ClusterError(f"CKKS workers did not start within {start_timeout_s:.0f} s: {exc}") from exc
         self._keys: OrderedDict[bytes, Any] = OrderedDict()
+        self._contexts: OrderedDict[bytes, Any] = OrderedDict()  # the driver's, for split_single
+        self.split_single = split_single and workers > 1
         self._lock = threading.Lock()
         self._next = itertools.count()
 
@@ -113,11 +127,17 @@ class CkksRayExecutor:
         """Input blob -> output blob, as `CkksServer.run` but a batch's groups over the workers."""
         import ray
 
-        parts = self.server.split_batch(data, len(self._workers))
+        from gravel.ckks.server import input_header
+
         keys_ref = self._keys_ref(keys)
         start = next(self._next)
-        refs = [self._workers[(start + i) % len(self._workers)].run.remote(keys_ref, part)
-                for i, part in enumerate(parts)]
+        n = len(self._workers)
+        single = self.split_single and input_header(data).get("mode") == "single"
+        if single:
+            refs = [self._workers[(start + i) % n].part.remote(keys_ref, data, i, n) for i in range(n)]
+        else:
+            parts = self.server.split_batch(data, n)
+            refs = [self._workers[(start + i) % n].run.remote(keys_ref, part) for i, part in enumerate(parts)]
         try:
             replies = ray.get(refs, timeout=self.timeout_s)
         except ray.exceptions.RayTaskError as exc:
@@ -128,7 +148,21 @@ class CkksRayExecutor:
             raise ClusterError(f"a CKKS worker failed: {exc.cause!r}") from exc
         except (ray.exceptions.GetTimeoutError, ray.exceptions.RayActorError) as exc:
             raise ClusterError(f"CKKS inference did not complete on the workers: {exc}") from exc
+        if single:
+            return self.server.single_finish(self._context(keys), replies)
         return self.server.merge_outputs(replies)
+
+    def _context(self, keys: bytes) -> Any:
+        digest = hashlib.sha256(keys).digest()
+        with self._lock:
+            ctx = self._contexts.get(digest)
+        if ctx is None:
+            ctx = self.server.load_keys(keys, modes=())
+            with self._lock:
+                self._contexts[digest] = ctx
+                while len(self._contexts) > MAX_CONTEXTS:
+                    self._contexts.popitem(last=False)
+        return ctx
 
     def shutdown(self) -> None:
         import ray

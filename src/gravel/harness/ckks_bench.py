@@ -51,7 +51,9 @@ def bench_ckks(model: Any, data: Dataset, samples: int = 10, batch: int | None =
     inference of `batch` test images. `model`: an artifact directory or anything
     `compile_ckks_model` takes (compiled into a temporary directory). `workers`: a batch also
     runs with its groups spread over that many Ray workers (`CkksRayExecutor`), timed in the
-    same run as the one-process path; `batch_latency_s` is then the faster of the two."""
+    same run as the one-process path; `batch_latency_s` is then the faster of the two. One
+    image at a time also runs with its first matrix split among the workers
+    (`workers_latency_s`, beside the one-process `latency_s`)."""
     from gravel.harness.common import calib_images, calib_labels
 
     if samples < 1 or (batch is not None and batch < 1):
@@ -106,6 +108,24 @@ def bench_ckks(model: Any, data: Dataset, samples: int = 10, batch: int | None =
                 if progress:
                     print(f"  image {i + 1}/{n}: {lat[-1]:.3f} s", flush=True)
             logits = np.stack(outs)
+            if workers and workers > 1:  # the first matrix split among workers, same images
+                from gravel.cluster.ckks_executor import CkksRayExecutor
+
+                executor = CkksRayExecutor(manifest.root, workers=workers, address=ray_address,
+                                           split_single=True)
+                try:
+                    executor.run(keys, client.encrypt(x[:1], "single"))  # workers load the keys
+                    lat_w, outs_w = [], []
+                    for i in range(n):
+                        blob = client.encrypt(x[i:i + 1], "single")
+                        t = time.perf_counter()
+                        reply = executor.run(keys, blob)
+                        lat_w.append(time.perf_counter() - t)
+                        outs_w.append(client.decrypt(reply)[0])
+                finally:
+                    executor.shutdown()
+                result.update(workers=workers, workers_latency_s=round(statistics.median(lat_w), 4),
+                              workers_agreement=float((np.stack(outs_w).argmax(1) == logits.argmax(1)).mean()))
             result.update(samples=n, latency_s=round(statistics.median(lat), 4),
                           latency_first_s=round(lat[0], 4),
                           encrypt_s=round(statistics.median(enc), 4),
