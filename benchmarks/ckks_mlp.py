@@ -104,7 +104,7 @@ def main() -> None:
         onnx_path = Path(tmp) / "he_mlp.onnx"
         with contextlib.redirect_stdout(io.StringIO()):
             torch.onnx.export(model, torch.tensor(data.x_test[:1]), str(onnx_path), dynamo=False)
-        single = bench_ckks(onnx_path, data, samples=args.samples, options=options)
+        single = bench_ckks(onnx_path, data, samples=args.samples, options=options, workers=args.workers)
         print(f"single: {single['latency_s']} s median, agreement {single['agreement']}", file=sys.stderr)
         batch = bench_ckks(onnx_path, data, batch=args.batch, options=CkksOptions(
             precision_bits=args.precision_bits, batch_size=args.batch), workers=args.workers)
@@ -123,9 +123,10 @@ def main() -> None:
     print(json.dumps({
         "benchmark": "ckks_mlp", "model": "784-128-64-10 x^2 (ONNX)", "data": "mnist",
         "float_test_accuracy": float_acc, "params": single["params"], "depth": single["depth"],
-        "single": {k: single[k] for k in ("samples", "latency_s", "latency_first_s", "eval_key_bytes",
-                                          "rotation_keys", "input_ct_bytes", "output_ct_bytes", "agreement",
-                                          "accuracy_clear", "accuracy_encrypted", "max_abs_error")},
+        "single": {k: single.get(k) for k in ("samples", "latency_s", "latency_first_s", "workers",
+                                              "workers_latency_s", "workers_agreement", "eval_key_bytes",
+                                              "rotation_keys", "input_ct_bytes", "output_ct_bytes", "agreement",
+                                              "accuracy_clear", "accuracy_encrypted", "max_abs_error")},
         "batch": {k: batch.get(k) for k in ("batch", "batch_latency_s", "path", "one_process_s", "workers",
                                             "workers_s", "speedup", "block", "groups", "per_image_s",
                                             "eval_key_bytes", "input_ct_bytes", "output_ct_bytes", "agreement",
