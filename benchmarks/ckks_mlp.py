@@ -37,31 +37,15 @@ from torch import nn
 from gravel.ckks.compile import CkksOptions
 from gravel.data import load_dataset
 from gravel.harness.ckks_bench import bench_ckks
+from gravel.harness.demo import train_float_mlp
 
 TARGETS = {"latency_s": 0.5, "agreement": 0.99, "eval_key_bytes": 300e6, "input_ct_bytes": 1e6,
            "batch_latency_s": 20.0, "batch_accuracy_gap": 0.005}
 
 
-class Square(nn.Module):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * x
-
-
-def train(data, epochs: int, seed: int = 0, act: type[nn.Module] = Square) -> nn.Module:
-    torch.manual_seed(seed)
-    model = nn.Sequential(nn.Flatten(), nn.Linear(784, 128), act(), nn.Linear(128, 64), act(),
-                          nn.Linear(64, 10))
-    x, y = torch.tensor(data.x_train), torch.tensor(data.y_train)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    for _ in range(epochs):
-        order = torch.randperm(len(x))
-        for i in range(0, len(x), 64):
-            idx = order[i:i + 64]
-            opt.zero_grad()
-            loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
-            loss.backward()
-            opt.step()
-    return model.eval()
+def train(data, epochs: int, seed: int = 0, act: type[nn.Module] | None = None) -> nn.Module:
+    """784-128-64-10 with x^2 activations (`act` None) or `act`, on the training set."""
+    return train_float_mlp(data, (128, 64), epochs, seed, act)
 
 
 def relu_conversion(data, epochs: int, calib: int) -> dict:

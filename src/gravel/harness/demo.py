@@ -31,7 +31,7 @@ from gravel.model import Checkpoint, build_model, save_checkpoint, train
 from gravel.protocol import Manifest
 from gravel.service.process import ServiceProcess
 
-__all__ = ["run_ckks_demo", "run_demo", "small_artifact", "small_ckks_artifact", "train_square_mlp"]
+__all__ = ["run_ckks_demo", "run_demo", "small_artifact", "small_ckks_artifact", "train_float_mlp"]
 
 
 # The demo's widths, fixed: its model is trained anew on every run (torch's CPU kernels are not
@@ -114,8 +114,10 @@ def run_demo(data: Dataset, samples: int = 10, epochs: int = 30, workdir: str | 
     return r
 
 
-def train_square_mlp(data: Dataset, hidden: tuple[int, ...], epochs: int, seed: int = 0) -> Any:
-    """A float MLP with x^2 activations (exact in CKKS), trained in plain PyTorch."""
+def train_float_mlp(data: Dataset, hidden: tuple[int, ...], epochs: int, seed: int = 0,
+                    act: Any = None) -> Any:
+    """A float MLP trained in plain PyTorch (Adam, batches of 64). `act`: the activation's
+    nn.Module class; None: x^2 (exact in CKKS)."""
     import torch
     from torch import nn
 
@@ -123,11 +125,12 @@ def train_square_mlp(data: Dataset, hidden: tuple[int, ...], epochs: int, seed: 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return x * x
 
+    act = act or Square
     torch.manual_seed(seed)
     sizes = [int(np.prod(data.image_shape)), *hidden]
     layers: list[nn.Module] = [nn.Flatten()]
     for a, b in itertools.pairwise(sizes):
-        layers += [nn.Linear(a, b), Square()]
+        layers += [nn.Linear(a, b), act()]
     model = nn.Sequential(*layers, nn.Linear(sizes[-1], data.num_classes))
     x, y = torch.tensor(data.x_train), torch.tensor(data.y_train)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
@@ -152,7 +155,7 @@ def small_ckks_artifact(data: Dataset, work: Path, hidden: tuple[int, ...] | Non
 
     hidden = hidden or ((128, 64) if int(np.prod(data.image_shape)) >= 784 else (32,))
     t = time.perf_counter()
-    model = train_square_mlp(data, hidden, epochs)
+    model = train_float_mlp(data, hidden, epochs)
     with torch.no_grad():
         float_acc = float((model(torch.tensor(data.x_test)).argmax(1).numpy() == data.y_test).mean())
     shape = "-".join(str(v) for v in (int(np.prod(data.image_shape)), *hidden, data.num_classes))
