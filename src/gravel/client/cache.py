@@ -16,10 +16,10 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
+from gravel.client.atomic import write_atomic
 from gravel.client.model import load_client_model, load_secret_keys
 from gravel.errors import ServerAnsweredError
 from gravel.protocol.manifest import BACKEND_FILES, MANIFEST
@@ -65,8 +65,8 @@ class ModelCache:
             return False
 
     def save_client_files(self, manifest: bytes, spec: bytes) -> None:
-        _write(self.dir / self._spec_name(manifest), spec)
-        _write(self.dir / MANIFEST, manifest)
+        write_atomic(self.dir / self._spec_name(manifest), spec)
+        write_atomic(self.dir / MANIFEST, manifest)
 
     def client_model(self) -> Any:
         """The model's client (`ClientModel` or `CkksClientModel`), from the cached files."""
@@ -97,20 +97,9 @@ class ModelCache:
             return None
 
     def save_session(self, session: str, token: str) -> None:
-        _write(self.dir / "session.json", json.dumps({"session": session, "token": token}).encode(), mode=0o600)
+        write_atomic(self.dir / "session.json", json.dumps({"session": session, "token": token}).encode(), mode=0o600)
 
     def forget_session(self) -> None:
         (self.dir / "session.json").unlink(missing_ok=True)
 
 
-def _write(path: Path, data: bytes, mode: int = 0o644) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -12,8 +12,6 @@ Needs the artifact's manifest and client spec only; imports nothing of the serve
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -22,6 +20,7 @@ import numpy as np
 
 from gravel.ckks.client import CkksClient
 from gravel.ckks.context import SecretContext
+from gravel.client.atomic import write_atomic
 from gravel.errors import InputError, KeyMismatchError
 from gravel.protocol import Kind, Manifest, frame, is_batch, load_manifest, unframe, unpack_batch
 from gravel.protocol.quantization import conform
@@ -50,19 +49,7 @@ class CkksSecretKeys:
 
     def save(self, path: str | Path) -> None:
         """Write the SECRET key set to `path` (mode 0600, atomically). Anyone holding it can decrypt."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(frame(Kind.SECRET_KEYS, self.digest, self.context.serialize_secret()))
-                f.flush()
-                os.fsync(f.fileno())
-            os.chmod(tmp, 0o600)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_atomic(path, frame(Kind.SECRET_KEYS, self.digest, self.context.serialize_secret()), mode=0o600, sync=True)
 
     @staticmethod
     def load(path: str | Path, model: CkksClientModel) -> CkksSecretKeys:

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from gravel.client.atomic import write_atomic
 from gravel.errors import BlobFormatError, KeyMismatchError
 from gravel.protocol import Kind, Manifest, frame, load_manifest, unframe
 from gravel.protocol.manifest import shard_function
@@ -30,19 +29,7 @@ class SecretKeys:
 
     def save(self, path: str | Path) -> None:
         """Write the SECRET key to `path` (mode 0600, atomically). Anyone holding it can decrypt."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(frame(Kind.SECRET_KEYS, self.digest, self._keys.serialize()))
-                f.flush()
-                os.fsync(f.fileno())
-            os.chmod(tmp, 0o600)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_atomic(path, frame(Kind.SECRET_KEYS, self.digest, self._keys.serialize()), mode=0o600, sync=True)
 
     @staticmethod
     def load(path: str | Path, model: ClientModel) -> SecretKeys:
