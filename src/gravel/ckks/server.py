@@ -139,12 +139,18 @@ class CkksServer:
                 raise InputError(f"CKKS input: {len(cts)} ciphertexts for {n} image(s) in mode single, "
                                  f"expected {per} for one image")
         else:
-            per = -(-self.program.n_batch_in // (self.slots // self.program.block))
-            groups = -(-n // self.program.block)
-            if len(cts) != per * groups:
-                raise InputError(f"CKKS input: {len(cts)} ciphertexts for {n} samples, expected "
-                                 f"{per * groups} ({groups} group(s) of {per})")
+            self._batch_shape(n, len(cts))
         return mode, n, cts
+
+    def _batch_shape(self, n: int, count: int) -> tuple[int, int]:
+        """(ciphertexts per group, groups) of a batch input of `n` samples; refuses one of
+        `count` ciphertexts that does not fit."""
+        per = -(-self.program.n_batch_in // (self.slots // self.program.block))
+        groups = -(-n // self.program.block)
+        if count != per * groups:
+            raise InputError(f"CKKS input: {count} ciphertexts for {n} samples, expected "
+                             f"{per * groups} ({groups} group(s) of {per})")
+        return per, groups
 
     def run(self, ctx: PublicContext, data: bytes) -> bytes:
         """Input blob (from CkksClient.encrypt) -> output blob (for CkksClient.decrypt)."""
@@ -154,8 +160,7 @@ class CkksServer:
             out = self.single(ev, cts)
         else:
             block = self.program.block
-            per = -(-self.program.n_batch_in // (self.slots // block))
-            groups = -(-n // block)
+            per, groups = self._batch_shape(n, len(cts))
             sizes = [min(block, n - g * block) for g in range(groups)]
             outs = self.batch(ev, [cts[g * per:(g + 1) * per] for g in range(groups)], sizes)
             out = [ct for group in outs for ct in group]
@@ -172,11 +177,7 @@ class CkksServer:
         mode, n, block = head.get("mode"), head.get("n"), self.program.block
         if mode != "batch" or not isinstance(n, int) or n <= block or parts < 2:
             return [bytes(data)]
-        per = -(-self.program.n_batch_in // (self.slots // block))
-        groups = -(-n // block)
-        if len(blobs) != per * groups:
-            raise InputError(f"CKKS input: {len(blobs)} ciphertexts for {n} samples, expected "
-                             f"{per * groups} ({groups} group(s) of {per})")
+        per, groups = self._batch_shape(n, len(blobs))
         out = []
         bounds = np.linspace(0, groups, min(parts, groups) + 1).round().astype(int)
         for lo, hi in pairwise(bounds):

@@ -19,6 +19,7 @@ import itertools
 import tempfile
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,30 @@ _FILES = ("manifest.json", "client.ckks.json", "weights.npz")
 MAX_CONTEXTS = 4  # public contexts a worker keeps (one per session in use)
 
 
+class _ByKeys:
+    """What `make` builds from a session's key bytes, kept for the MAX_CONTEXTS key sets used
+    last (by their SHA-256): a public context is deserialized, or put in Ray's object store,
+    once per session, not once per request."""
+
+    def __init__(self, make: Callable[[bytes], Any]) -> None:
+        self._make = make
+        self._items: OrderedDict[bytes, Any] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, keys: bytes) -> Any:
+        digest = hashlib.sha256(keys).digest()
+        with self._lock:
+            if digest in self._items:
+                self._items.move_to_end(digest)
+                return self._items[digest]
+        value = self._make(keys)
+        with self._lock:
+            self._items[digest] = value
+            while len(self._items) > MAX_CONTEXTS:
+                self._items.popitem(last=False)
+        return value
+
+
 class CkksWorker:
     """The Ray actor body: one artifact's CkksServer and a few sessions' public contexts."""
 
@@ -42,27 +67,17 @@ class CkksWorker:
         for name, data in bundle.items():
             (self.dir / name).write_bytes(data)
         self.server = load_server(self.dir)  # verifies the files against the manifest's hashes
-        self.contexts: OrderedDict[bytes, Any] = OrderedDict()
+        # `run` checks the rotations of the input's mode
+        self.contexts = _ByKeys(lambda keys: self.server.load_keys(keys, modes=()))
 
     def ready(self) -> bool:
         return True
 
     def run(self, keys: bytes, data: bytes) -> bytes:
-        return self.server.run(self._context(keys), data)
+        return self.server.run(self.contexts.get(keys), data)
 
     def part(self, keys: bytes, data: bytes, part: int, parts: int) -> bytes:
-        return self.server.single_part(self._context(keys), data, part, parts)
-
-    def _context(self, keys: bytes) -> Any:
-        digest = hashlib.sha256(keys).digest()
-        ctx = self.contexts.get(digest)
-        if ctx is None:
-            ctx = self.server.load_keys(keys, modes=())  # `run` checks the mode's rotations
-            self.contexts[digest] = ctx
-            while len(self.contexts) > MAX_CONTEXTS:
-                self.contexts.popitem(last=False)
-        self.contexts.move_to_end(digest)
-        return ctx
+        return self.server.single_part(self.contexts.get(keys), data, part, parts)
 
 
 class CkksRayExecutor:
@@ -100,28 +115,14 @@ class CkksRayExecutor:
         except Exception as exc:  # Ray's start-up failures have many types
             self.shutdown()
             raise ClusterError(f"CKKS workers did not start within {start_timeout_s:.0f} s: {exc}") from exc
-        self._keys: OrderedDict[bytes, Any] = OrderedDict()
-        self._contexts: OrderedDict[bytes, Any] = OrderedDict()  # the driver's, for split_single
+        self._keys = _ByKeys(lambda keys: ray.put(bytes(keys)))  # object-store references
+        self._contexts = _ByKeys(lambda keys: self.server.load_keys(keys, modes=()))  # split_single
         self.split_single = split_single and workers > 1
-        self._lock = threading.Lock()
         self._next = itertools.count()
 
     @property
     def workers(self) -> int:
         return len(self._workers)
-
-    def _keys_ref(self, keys: bytes) -> Any:
-        import ray
-
-        digest = hashlib.sha256(keys).digest()
-        with self._lock:
-            ref = self._keys.get(digest)
-            if ref is None:
-                ref = self._keys[digest] = ray.put(bytes(keys))
-                while len(self._keys) > MAX_CONTEXTS:
-                    self._keys.popitem(last=False)
-            self._keys.move_to_end(digest)
-            return ref
 
     def run(self, keys: bytes, data: bytes) -> bytes:
         """Input blob -> output blob, as `CkksServer.run` but a batch's groups over the workers."""
@@ -129,7 +130,7 @@ class CkksRayExecutor:
 
         from gravel.ckks.server import input_header
 
-        keys_ref = self._keys_ref(keys)
+        keys_ref = self._keys.get(keys)
         start = next(self._next)
         n = len(self._workers)
         single = self.split_single and input_header(data).get("mode") == "single"
@@ -149,20 +150,8 @@ class CkksRayExecutor:
         except (ray.exceptions.GetTimeoutError, ray.exceptions.RayActorError) as exc:
             raise ClusterError(f"CKKS inference did not complete on the workers: {exc}") from exc
         if single:
-            return self.server.single_finish(self._context(keys), replies)
+            return self.server.single_finish(self._contexts.get(keys), replies)
         return self.server.merge_outputs(replies)
-
-    def _context(self, keys: bytes) -> Any:
-        digest = hashlib.sha256(keys).digest()
-        with self._lock:
-            ctx = self._contexts.get(digest)
-        if ctx is None:
-            ctx = self.server.load_keys(keys, modes=())
-            with self._lock:
-                self._contexts[digest] = ctx
-                while len(self._contexts) > MAX_CONTEXTS:
-                    self._contexts.popitem(last=False)
-        return ctx
 
     def shutdown(self) -> None:
         import ray
