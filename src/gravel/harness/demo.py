@@ -81,16 +81,7 @@ def run_demo(data: Dataset, samples: int = 10, epochs: int = 30, workdir: str | 
                 f"{session_s:.1f} s")
             x, y = data.x_test[:samples], data.y_test[:samples]
             clear = load_graph(manifest).predict(x)
-            enc_s, rt_s, dec_s, preds = [], [], [], []
-            for image in x:
-                t0 = time.perf_counter()
-                ct = session.encrypt(image)
-                t1 = time.perf_counter()
-                out = session.infer(ct)
-                t2 = time.perf_counter()
-                preds.append(int(session.model.predict(session.keys, out)))
-                t3 = time.perf_counter()
-                enc_s.append(t1 - t0), rt_s.append(t2 - t1), dec_s.append(t3 - t2)
+            preds, timings, ct, out = _one_by_one(session, x, lambda k, o: int(session.model.predict(k, o)))
             key_bytes = len(session.keys.evaluation_keys())
     r = {
         "samples": len(x),
@@ -98,9 +89,7 @@ def run_demo(data: Dataset, samples: int = 10, epochs: int = 30, workdir: str | 
         "accuracy_encrypted": float(sum(int(p == t) for p, t in zip(preds, y)) / len(x)),
         "agreement": float(sum(int(p == c) for p, c in zip(preds, clear)) / len(x)),
         "session_s": round(session_s, 3),
-        "encrypt_s": round(statistics.median(enc_s), 4),
-        "roundtrip_s": round(statistics.median(rt_s), 4),
-        "decrypt_s": round(statistics.median(dec_s), 4),
+        **timings,
         "eval_key_bytes": key_bytes,
         "input_ct_bytes": len(ct),
         "output_ct_bytes": len(out),
@@ -112,6 +101,25 @@ def run_demo(data: Dataset, samples: int = 10, epochs: int = 30, workdir: str | 
     say(f"  sizes: evaluation keys {key_bytes / 1e6:.1f} MB (uploaded once), input {len(ct) / 1e3:.1f} kB, "
         f"output {len(out) / 1e3:.1f} kB")
     return r
+
+
+def _one_by_one(session: Any, x: np.ndarray, decode: Any) -> tuple[list[Any], dict[str, float], bytes, bytes]:
+    """Each image through the server on its own: `decode(keys, output)` of each, the median
+    encrypt / round-trip / decrypt times, and the last input and output ciphertexts."""
+    enc_s, rt_s, dec_s, results = [], [], [], []
+    ct = out = b""
+    for image in x:
+        t0 = time.perf_counter()
+        ct = session.encrypt(image)
+        t1 = time.perf_counter()
+        out = session.infer(ct)
+        t2 = time.perf_counter()
+        results.append(decode(session.keys, out))
+        t3 = time.perf_counter()
+        enc_s.append(t1 - t0), rt_s.append(t2 - t1), dec_s.append(t3 - t2)
+    timings = {"encrypt_s": round(statistics.median(enc_s), 4), "roundtrip_s": round(statistics.median(rt_s), 4),
+               "decrypt_s": round(statistics.median(dec_s), 4)}
+    return results, timings, ct, out
 
 
 def train_float_mlp(data: Dataset, hidden: tuple[int, ...], epochs: int, seed: int = 0,
@@ -197,16 +205,7 @@ def run_ckks_demo(data: Dataset, samples: int = 10, batch: int = 100, epochs: in
                 f"({key_bytes / 1e6:.1f} MB, no secret key) in {session_s:.1f} s: session {session.id}")
             x, y = data.x_test[:samples], data.y_test[:samples]
             clear = program.simulate(x)
-            enc_s, rt_s, dec_s, scores = [], [], [], []
-            for image in x:
-                t0 = time.perf_counter()
-                ct = session.encrypt(image)
-                t1 = time.perf_counter()
-                out = session.infer(ct)
-                t2 = time.perf_counter()
-                scores.append(session.model.decrypt(session.keys, out))
-                t3 = time.perf_counter()
-                enc_s.append(t1 - t0), rt_s.append(t2 - t1), dec_s.append(t3 - t2)
+            scores, timings, ct, out = _one_by_one(session, x, session.model.decrypt)
             preds = np.argmax(np.stack(scores), axis=1)
             xb, yb = data.x_test[:batch], data.y_test[:batch]
             t = time.perf_counter()
@@ -222,9 +221,7 @@ def run_ckks_demo(data: Dataset, samples: int = 10, batch: int = 100, epochs: in
         "agreement": float((preds == clear.argmax(1)).mean()),
         "max_abs_error": float(np.max(np.abs(np.stack(scores) - clear))),
         "session_s": round(session_s, 3),
-        "encrypt_s": round(statistics.median(enc_s), 4),
-        "roundtrip_s": round(statistics.median(rt_s), 4),
-        "decrypt_s": round(statistics.median(dec_s), 4),
+        **timings,
         "batch": int(batch),
         "batch_s": round(batch_s, 3),
         "batch_accuracy_clear": float((clear_b == yb).mean()) if batch else None,
