@@ -73,6 +73,9 @@ class CkksWorker:
     def ready(self) -> bool:
         return True
 
+    def load(self, keys: bytes) -> None:
+        self.contexts.get(keys)
+
     def run(self, keys: bytes, data: bytes) -> bytes:
         return self.server.run(self.contexts.get(keys), data)
 
@@ -123,6 +126,16 @@ class CkksRayExecutor:
     @property
     def workers(self) -> int:
         return len(self._workers)
+
+    def warm(self, keys: bytes) -> None:
+        """Every worker deserializes `keys` now (a session's first request otherwise pays it on
+        whichever workers it reaches first)."""
+        import ray
+
+        ref = self._keys.get(keys)
+        ray.get([w.load.remote(ref) for w in self._workers], timeout=self.timeout_s)
+        if self.split_single:
+            self._contexts.get(keys)
 
     def run(self, keys: bytes, data: bytes) -> bytes:
         """Input blob -> output blob, as `CkksServer.run` but a batch's groups over the workers."""
