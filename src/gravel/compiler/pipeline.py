@@ -17,7 +17,7 @@ from gravel.compiler.passes import Pass, canonicalise, run_passes
 from gravel.compiler.plan import DEFAULT_MAX_SHARDS, ShardPlan, Stage, make_plan, partition
 from gravel.compiler.program import DEFAULT_P_ERROR, compile_program, input_compatible
 from gravel.compiler.qgraph import QGraph
-from gravel.compiler.quantize import QuantConfig, conform_batch, quantize
+from gravel.compiler.quantize import MAX_INTEGER_BITS, QuantConfig, conform_batch, quantize
 from gravel.errors import ModelError
 from gravel.protocol import Manifest
 
@@ -82,34 +82,35 @@ def build(model: Any, calib_x: np.ndarray, config: QuantConfig = QuantConfig(),
     return Compiled(source, graph, state["q"], state["stages"], state["plan"], info, state["config"])
 
 
-# The widest integer a rung may produce: with wider ones (a 5/8/6/8 rung gave cnn_global_pool's
-# final Gemm 17 bits) concrete-python 2.11 finds no cryptographic parameters at all.
-MAX_INTEGER_BITS = 16
-
-
 def search_quantize(graph: Graph, calib: np.ndarray, config: QuantConfig,
                     labels: np.ndarray | None = None) -> tuple[QGraph, QuantConfig]:
     """The cheapest rung of `config.ladder()` that keeps the float model's accuracy on the
     labelled calibration samples within `config.max_loss` (without labels: whose argmax
-    differs from the float model's on at most `config.max_disagreement`), else the rung that
-    did best; the choice is noted in the result.
+    differs from the float model's on at most `config.max_disagreement`) and the float model's
+    predictions on interpolated calibration samples (`mixups`) on all but
+    `config.max_mix_disagreement` of them, else the rung that did best; the choice is noted.
 
     With labels, a rung must also keep the share of predictions that differ from the float
     model's within `config.max_disagreement`: on 300 calibration samples accuracy alone lets
-    rungs through whose errors happen to cancel there and not on held-out data.
+    rungs through whose errors happen to cancel there and not on held-out data. The blends
+    matter most: a model is confident on its own training samples, where few rungs flip any.
 
     A rung above the first is then narrowed lookup by lookup: each lookup goes back to the
     activation and lookup widths of the cheapest earlier rung that still passes and flips at
-    most half a percent more of the calibration predictions than the rung did, so only the
-    layers that need the wider lookups pay for them."""
+    most one percent more of the blends than the rung did, so only the layers that need the
+    wider lookups pay for them."""
     import math
     from dataclasses import replace
 
     from gravel.compiler.ir import evaluate
     from gravel.compiler.qgraph import signed_width
-    from gravel.compiler.quantize import _Quantizer
+    from gravel.compiler.quantize import _Quantizer, mixups
 
-    reference = np.asarray(evaluate(graph, calib)).reshape(len(calib), -1).argmax(1)
+    def argmax(x: np.ndarray) -> np.ndarray:
+        return np.asarray(evaluate(graph, x)).reshape(len(x), -1).argmax(1)
+
+    blends = mixups(calib)
+    reference, reference_mix = argmax(calib), argmax(blends)
     if labels is not None:
         labels = np.asarray(labels)
         if labels.shape != (len(calib),):
@@ -117,60 +118,74 @@ def search_quantize(graph: Graph, calib: np.ndarray, config: QuantConfig,
         float_acc = float((reference == labels).mean())
     limit = config.max_loss if labels is not None else config.max_disagreement
 
-    def judge(cfg: QuantConfig) -> tuple[float, float, QGraph, list[str]]:
+    @dataclass
+    class Trial:
+        gap: float  # accuracy loss (with labels) or calibration flips
+        flips: float  # calibration predictions that differ from the float model's
+        mix: float  # the same on the blends
+        q: QGraph
+        rung: QuantConfig
+        keys: list[str] = field(default_factory=list)
+        index: int = 0
+
+        @property
+        def passes(self) -> bool:
+            return (self.gap <= limit and self.flips <= config.max_disagreement
+                    and self.mix <= config.max_mix_disagreement)
+
+    def judge(cfg: QuantConfig, index: int = 0) -> Trial:
         quantizer = _Quantizer(graph, calib, cfg)
         q = quantizer.run()
         if max(signed_width(n.lo, n.hi) for n in q.nodes) > MAX_INTEGER_BITS:
-            return math.inf, math.inf, q, quantizer.lut_keys  # concrete finds no parameters
+            return Trial(math.inf, math.inf, math.inf, q, cfg, quantizer.lut_keys, index)  # no parameters
         pred = q.predict(calib)
         flips = float((pred != reference).mean())
         gap = float_acc - float((pred == labels).mean()) if labels is not None else flips
-        return gap, flips, q, quantizer.lut_keys
-
-    def passes(gap: float, flips: float) -> bool:
-        return gap <= limit and flips <= config.max_disagreement
+        mix = float((q.predict(blends) != reference_mix).mean())
+        return Trial(gap, flips, mix, q, cfg, quantizer.lut_keys, index)
 
     rungs = config.ladder()
-    tried: list[tuple[float, float, QGraph, QuantConfig, list[str], int]] = []
+    tried: list[Trial] = []
     best = None
     for k, rung in enumerate(rungs):
-        gap, flips, q, keys = judge(rung)
-        tried.append((gap, flips, q, rung, keys, k))
-        if passes(gap, flips):
+        tried.append(judge(rung, k))
+        if tried[-1].passes:
             best = tried[-1]
             break
     if best is None:
-        # none passes: the cheapest rung within half a point of the best one tried (a wider
-        # rung costs every lookup its width, in time and keys, for a gain within the noise
-        # of a few hundred calibration samples)
-        least = min((t[0], t[1]) for t in tried)
-        best = next(t for t in tried if t[0] <= least[0] + 0.005 and t[1] <= least[1] + 0.005)
-    gap, flips, q, rung, keys, k = best
+        # none passes: the cheapest rung within half a point (one point of blends) of the best
+        # tried (a wider rung costs every lookup its width, in time and keys, for a gain within
+        # the noise of a few hundred calibration samples)
+        least_gap, least_mix = min(t.gap for t in tried), min(t.mix for t in tried)
+        best = next(t for t in tried if t.gap <= least_gap + 0.005 and t.mix <= least_mix + 0.01)
+    chosen = best
     narrowed: list[str] = []
-    if passes(gap, flips) and k > 0:
-        most_flips = flips + 0.005
-        for key in dict.fromkeys(keys):
-            for cheaper in rungs[:k]:
-                if (cheaper.a_bits, cheaper.tlu_bits) == (rung.a_bits, rung.tlu_bits):
+    if best.passes and best.index > 0:
+        for key in dict.fromkeys(best.keys):
+            for cheaper in rungs[: best.index]:
+                if (cheaper.a_bits, cheaper.tlu_bits) == (chosen.rung.a_bits, chosen.rung.tlu_bits):
                     continue
-                trial = replace(rung, node_bits=rung.node_bits + ((key, cheaper.a_bits),),
-                                node_tlu_bits=rung.node_tlu_bits + ((key, cheaper.tlu_bits),))
-                t_gap, t_flips, t_q, _ = judge(trial)
-                if passes(t_gap, t_flips) and t_flips <= most_flips:
-                    gap, flips, q, rung = t_gap, t_flips, t_q, trial
+                rung = chosen.rung
+                trial = judge(replace(rung, node_bits=rung.node_bits + ((key, cheaper.a_bits),),
+                                      node_tlu_bits=rung.node_tlu_bits + ((key, cheaper.tlu_bits),)))
+                if trial.passes and trial.flips <= best.flips + 0.005 and trial.mix <= best.mix + 0.01:
+                    chosen = trial
                     narrowed.append(key)
                     break
     what = ("accuracy loss against the float model" if labels is not None
             else "share of predictions that differ from the float model's")
-    wide = [key for key in dict.fromkeys(keys) if key not in narrowed]
+    wide = [key for key in dict.fromkeys(best.keys) if key not in narrowed]
     where = ""
     if narrowed:
         where = (f" (lookups {', '.join(wide) or 'none'} at these widths, "
                  f"the other {len(narrowed)} narrower)")
+    rung, q = chosen.rung, chosen.q
     q.notes.append(
         f"post-training quantization chose {rung.in_bits}-bit inputs, {rung.w_bits}-bit weights, "
         f"{rung.a_bits}-bit activations and {rung.tlu_bits}-bit lookups{where}, the cheapest tried: {what} "
-        f"{100 * gap:.1f} % on {len(calib)} calibration samples (wanted <= {100 * limit:.1f} %)"
+        f"{100 * chosen.gap:.1f} % on {len(calib)} calibration samples (wanted <= {100 * limit:.1f} %), "
+        f"predictions differing from the float model's on {100 * chosen.mix:.1f} % of blends of them "
+        f"(wanted <= {100 * config.max_mix_disagreement:.1f} %)"
     )
     return q, rung
 
