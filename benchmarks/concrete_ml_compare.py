@@ -130,8 +130,19 @@ def run_gravel(onnx_path: Path, data: Any, calib: np.ndarray, samples: int) -> d
             "eval_key_bytes", "input_ct_bytes", "keygen_s", "encrypt_s", "decrypt_s", "pbs_count")
     out = {k: r[k] for k in keep}
     out.update({"accuracy_quantized_2000": acc_q, "compile_s": round(compile_s, 1),
-                "p_error": manifest.data["backend"]["p_error"]})
+                "p_error": manifest.data["backend"]["p_error"], **fused_cost(art)})
     return out
+
+
+def fused_cost(art: Path) -> dict[str, Any]:
+    """Bootstrap parameters of the artifact's whole-network function, as Concrete ML's side
+    reports them: which parameters the lookups got explains latency on a busy machine."""
+    from concrete import fhe
+
+    from gravel.compiler.program import FUSED
+
+    server = fhe.Server.load(art / "server.zip")
+    return {"pbs_params": {str(k): v for k, v in server.programmable_bootstrap_count_per_parameter(FUSED).items()}}
 
 
 def run_cml(npz: Path, samples: int, paths: list[str], args: argparse.Namespace) -> dict[str, Any]:

@@ -179,7 +179,14 @@ def measure(qm: Any, x: np.ndarray, y: np.ndarray, x_acc: np.ndarray, y_acc: np.
         "forward_execute_agrees": check == preds[0],
         "pbs_count": int(circuit.programmable_bootstrap_count),
         "max_bit_width": int(circuit.graph.maximum_integer_bit_width()),
+        **circuit_cost(circuit.statistics),
     }
+
+
+def circuit_cost(stats: dict[str, Any]) -> dict[str, Any]:
+    """Concrete's own cost estimate and bootstrap parameters: comparable when the machine is busy."""
+    return {"complexity": float(stats["complexity"]),
+            "pbs_params": {str(k): v for k, v in stats["programmable_bootstrap_count_per_parameter"].items()}}
 
 
 def parse_rounding(text: str) -> dict[str, Any] | None:

@@ -1,6 +1,7 @@
 """Issue 8's corpus figures: every architecture of tests/compiler/corpus.py trained on the 8x8
 digits, exported by both torch exporters, compiled at default settings and checked in FHE
-simulation against its own clear quantized model.
+simulation (at the compiler's default per-lookup error probability, as deployed) against its
+own clear quantized model.
 
     python benchmarks/corpus.py [--epochs 100] [--sim 100] [--only NAME,...]
 
@@ -58,13 +59,15 @@ def main() -> None:
     ap.add_argument("--a-bits", type=int)
     ap.add_argument("--tlu-bits", type=int)
     ap.add_argument("--rounding", choices=["auto", "approximate", "exact"])
+    ap.add_argument("--p-error", type=float, default=None,
+                    help="per-lookup error probability simulated (default: the compiler's, as deployed)")
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
     torch.set_num_threads(1)
 
     from dataclasses import replace
 
-    from gravel.compiler import QuantConfig, build, evaluate
+    from gravel.compiler import DEFAULT_P_ERROR, QuantConfig, build, evaluate
     from gravel.compiler.quantize import conform_batch
     from gravel.data import load_dataset
     from gravel.harness.check import simulate, simulation_model
@@ -74,6 +77,7 @@ def main() -> None:
     for key in ("in_bits", "w_bits", "a_bits", "tlu_bits", "rounding"):
         if getattr(args, key) is not None:
             config = replace(config, **{key: getattr(args, key)})
+    p_error = DEFAULT_P_ERROR if args.p_error is None else args.p_error
     data = load_dataset("digits")
     rows = []
     tmp = tempfile.mkdtemp(prefix="gravel-corpus-")
@@ -95,7 +99,7 @@ def main() -> None:
                 xg = conform_batch(x_test, compiled.graph.input_shape)
                 acc_float = float((np.asarray(evaluate(compiled.graph, xg)).argmax(1) == data.y_test).mean())
                 clear = compiled.qgraph.predict(x_test)
-                one, module = simulation_model(compiled, calib, p_error=1e-4)
+                one, module = simulation_model(compiled, calib, p_error=p_error)
                 sim = simulate(module, one, x_test[: args.sim])
                 row.update(
                     ok=True, accuracy_float=acc_float, accuracy_quantized=float((clear == data.y_test).mean()),
@@ -115,7 +119,7 @@ def main() -> None:
         "loss_points_max": max((r["loss_points"] for r in ok), default=None),
         "within_1_5_points": sum(r["loss_points"] <= 1.5 for r in ok),
         "agreement_ge_0_95": sum(r["simulated_agreement"] >= 0.95 for r in ok),
-        "cpus": os.cpu_count(), "load_avg_1m": os.getloadavg()[0],
+        "p_error": p_error, "cpus": os.cpu_count(), "load_avg_1m": os.getloadavg()[0],
     }))
 
 
