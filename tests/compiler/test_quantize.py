@@ -252,3 +252,21 @@ def test_search_rejects_a_rung_that_flips_blends_even_when_calibration_agrees():
     q, rung = search_quantize(c, x, replace(start, max_mix_disagreement=0.02))
     assert rung.tlu_bits > start.tlu_bits
     assert "of blends of them (wanted <= 2.0 %)" in q.notes[-1]
+
+
+def test_lookups_of_step_functions_round_exactly_under_auto():
+    """floor/round inside a fused activation jump a whole step when approximate rounding is one
+    off; smooth activations keep the cheaper approximate rounding."""
+    rng = np.random.default_rng(6)
+    steps = [{"fn": "floor", "args": [0]}, {"fn": "tanh", "args": [0]}, {"fn": "add", "args": [1, 2]}]
+    for fn, params, exact in (("composite", {"steps": steps}, True), ("round", {}, True), ("tanh", {}, False)):
+        nodes = [
+            Node("x", "input"),
+            Node("fc1", "gemm", ("x",), dict(weight=rng.normal(0, 1, (16, 64)), bias=np.zeros(16))),
+            Node("a", "act", ("fc1",), dict(fn=fn, params=params)),
+            Node("fc2", "gemm", ("a",), dict(weight=rng.normal(0, 1, (4, 16)), bias=np.zeros(4))),
+        ]
+        g = canonicalise(Graph(nodes, "fc2", (64,)))
+        q = quantize(g, rng.random((100, 64)) * 4, QuantConfig(search=False))
+        luts = [n for n in q.nodes if n.op == "lut"]
+        assert luts and all(n.attrs["exact"] is exact for n in luts), fn

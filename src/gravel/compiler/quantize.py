@@ -50,8 +50,8 @@ class QuantConfig:
     tlu_bits: int = 5
     clip_percentile: float = 99.99
     # "approximate" rounding is one table lookup but may be off by one step near a rounding
-    # boundary; "exact" costs extra lookups. Sign activations flip on such errors, so
-    # binarized layers default to exact rounding ("auto").
+    # boundary; "exact" costs extra lookups. Step functions (sign, floor, ceil, round, alone or
+    # inside a fused activation) jump on such errors, so their lookups round exactly ("auto").
     rounding: str = "auto"
     node_bits: tuple[tuple[str, int], ...] = ()
     # lookup width for named float nodes (the lookup computing them): the post-training search
@@ -370,7 +370,7 @@ class _Quantizer:
             out = (step, lo, 0, 2**bits - 1)
         if fn == "sign":
             src, meta = self._sign_threshold(node, src, meta)
-        self._lut(node.name, node.source or node.name, src, meta, fn, params, out, exact_hint=fn == "sign")
+        self._lut(node.name, node.source or node.name, src, meta, fn, params, out, exact_hint=_has_steps(fn, params))
 
     def _sign_threshold(self, node: Node, src: str, meta: _Meta) -> tuple[str, _Meta]:
         """sign(s * a + o) as an exact integer threshold in the producing Gemm/Conv: channels
@@ -640,6 +640,17 @@ class _Quantizer:
 # folded into a depthwise convolution, typically): then per channel, each channel filling its
 # bits, and the lookup after it takes one table per channel.
 PER_CHANNEL_RATIO = 4.0
+
+
+# Functions that jump: an accumulator rounded one step off (approximate rounding) moves their
+# output by a whole step, not a little, so their lookups round exactly under "auto".
+_STEP_FUNCTIONS = frozenset({"sign", "floor", "ceil", "round"})
+
+
+def _has_steps(fn: str, params: dict[str, Any]) -> bool:
+    if fn == "composite":
+        return any(step.get("fn") in _STEP_FUNCTIONS for step in params.get("steps", ()))
+    return fn in _STEP_FUNCTIONS
 
 
 def _weight_scale(w: np.ndarray, qmax: int, per_tensor: bool) -> float | np.ndarray:
