@@ -270,3 +270,18 @@ def test_lookups_of_step_functions_round_exactly_under_auto():
         q = quantize(g, rng.random((100, 64)) * 4, QuantConfig(search=False))
         luts = [n for n in q.nodes if n.op == "lut"]
         assert luts and all(n.attrs["exact"] is exact for n in luts), fn
+
+
+def test_search_with_no_passing_rung_keeps_the_best_it_tried():
+    from dataclasses import replace
+
+    from gravel.compiler.pipeline import search_quantize
+
+    rng = np.random.default_rng(3)
+    c = canonicalise(mlp(rng, dict(fn="relu")))
+    x = rng.random((300, 64))
+    labels = np.asarray(evaluate(c, x)).argmax(1)
+    impossible = replace(QuantConfig(in_bits=2, w_bits=3, a_bits=2, tlu_bits=3), max_loss=-1.0,
+                         max_mix_disagreement=-1.0)
+    q, rung = search_quantize(c, x, impossible, labels)
+    assert rung in impossible.ladder() and "wanted <= -100.0 %" in q.notes[-1]

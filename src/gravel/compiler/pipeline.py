@@ -97,7 +97,7 @@ def search_quantize(graph: Graph, calib: np.ndarray, config: QuantConfig,
 
     A rung above the first is then narrowed lookup by lookup: each lookup goes back to the
     activation and lookup widths of the cheapest earlier rung that still passes and flips at
-    most one percent more of the blends than the rung did, so only the layers that need the
+    most half a percent more of the blends than the rung did, so only the layers that need the
     wider lookups pay for them."""
     import math
     from dataclasses import replace
@@ -153,11 +153,13 @@ def search_quantize(graph: Graph, calib: np.ndarray, config: QuantConfig,
             best = tried[-1]
             break
     if best is None:
-        # none passes: the cheapest rung within half a point (one point of blends) of the best
-        # tried (a wider rung costs every lookup its width, in time and keys, for a gain within
-        # the noise of a few hundred calibration samples)
-        least_gap, least_mix = min(t.gap for t in tried), min(t.mix for t in tried)
-        best = next(t for t in tried if t.gap <= least_gap + 0.005 and t.mix <= least_mix + 0.01)
+        # none passes: of the rungs within half a point of the least loss, the cheapest within
+        # one point of their fewest flipped blends (a wider rung costs every lookup its width,
+        # in time and keys, for a gain within the noise of a few hundred calibration samples)
+        least_gap = min(t.gap for t in tried)
+        near = [t for t in tried if t.gap <= least_gap + 0.005]
+        least_mix = min(t.mix for t in near)
+        best = next(t for t in near if t.mix <= least_mix + 0.01)
     chosen = best
     narrowed: list[str] = []
     if best.passes and best.index > 0:
@@ -168,7 +170,7 @@ def search_quantize(graph: Graph, calib: np.ndarray, config: QuantConfig,
                 rung = chosen.rung
                 trial = judge(replace(rung, node_bits=rung.node_bits + ((key, cheaper.a_bits),),
                                       node_tlu_bits=rung.node_tlu_bits + ((key, cheaper.tlu_bits),)))
-                if trial.passes and trial.flips <= best.flips + 0.005 and trial.mix <= best.mix + 0.01:
+                if trial.passes and trial.flips <= best.flips + 0.005 and trial.mix <= best.mix + 0.005:
                     chosen = trial
                     narrowed.append(key)
                     break
