@@ -143,6 +143,7 @@ def measure(qm: Any, x: np.ndarray, y: np.ndarray, x_acc: np.ndarray, y_acc: np.
     keygen_s = time.perf_counter() - t
     eval_key_bytes = len(circuit.keys.evaluation.serialize())
     clear = qm.forward(x_acc, fhe="disable").argmax(1)
+    simulated = qm.forward(x_acc, fhe="simulate").argmax(1)  # lookup errors drawn at its p_error
     enc_t, run_t, dec_t, preds, in_bytes = [], [], [], [], 0
     for i in range(len(x)):
         xi = x[i : i + 1]
@@ -168,6 +169,7 @@ def measure(qm: Any, x: np.ndarray, y: np.ndarray, x_acc: np.ndarray, y_acc: np.
         "latency_s": statistics.median(run_t),
         "accuracy_encrypted": float((p == y).mean()),
         "accuracy_quantized_2000": float((clear == y_acc).mean()),
+        "accuracy_simulated_2000": float((simulated == y_acc).mean()),
         "agreement": float((p == clear[:n]).mean()),
         "samples": n,
         "eval_key_bytes": eval_key_bytes,
