@@ -43,6 +43,11 @@ def test_summary_takes_each_side_s_fastest_working_path(compare):
     results["cml_ptq"] = {"error": "RuntimeError: 17-bit table lookup"}
     s = compare.summarise(results)
     assert s["cml_best_path"] == "cml_qat" and s["ratio_gravel_best_to_cml_best"] == 0.6
+    assert "simulated_2000_gravel_best_minus_cml_best" not in s
+    results["gravel_ptq"]["accuracy_simulated_2000"] = 0.92
+    results["cml_qat"]["accuracy_simulated_2000"] = 0.895
+    s = compare.summarise(results)
+    assert s["simulated_2000_gravel_best_minus_cml_best"] == pytest.approx(0.025)
     s = compare.summarise({"gravel_ptq": {"error": "x"}, "cml_qat": results["cml_qat"]})
     assert s["gravel_best_path"] is None and "ratio_gravel_best_to_cml_best" not in s
 
