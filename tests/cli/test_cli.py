@@ -56,3 +56,26 @@ def test_run_on_embedded_ray(tmp_path, digits_artifact, keyed):
     res = json.loads(gravel("decrypt", digits_artifact, "--secret", keyed / "s.key",
                             "--input", tmp_path / "y.ct").stdout)
     assert 0 <= res["prediction"] < 10
+
+
+def test_compile_finetunes_the_quantized_program(tmp_path, digits):
+    """`gravel compile --finetune`: a float ONNX model at coarse widths, fine-tuned on the
+    training set; the note and the manifest say what it did."""
+    import torch
+    from torch import nn
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 24), nn.ReLU(), nn.Linear(24, 10))
+    opt = torch.optim.Adam(model.parameters(), 1e-2)
+    x, y = torch.from_numpy(digits.x_train).float(), torch.from_numpy(digits.y_train).long()
+    for _ in range(20):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    torch.onnx.export(model.eval(), (x[:1],), str(tmp_path / "m.onnx"), dynamo=False)
+    out = gravel("compile", tmp_path / "m.onnx", "--data", "digits", "--out", tmp_path / "m.gravel",
+                 "--a-bits", "3", "--tlu-bits", "4", "--finetune", "2").stdout
+    assert "fine-tun" in out, out
+    manifest = json.loads((tmp_path / "m.gravel" / "manifest.json").read_text())
+    report = manifest["model"]["finetune"]
+    assert report["samples"] == len(digits.x_train) and report["epochs"] == 2

@@ -21,6 +21,9 @@ from gravel.errors import GravelError
 
 __all__ = ["cmd_bench", "cmd_check", "cmd_compile", "cmd_train", "register"]
 
+# training samples `--finetune` uses, for either backend
+FINETUNE_SAMPLES = 10_000
+
 
 def cmd_train(args: argparse.Namespace) -> None:
     from gravel.model import Checkpoint, build_model, save_checkpoint, train
@@ -43,15 +46,19 @@ def cmd_train(args: argparse.Namespace) -> None:
 def cmd_compile(args: argparse.Namespace) -> None:
     if args.backend == "ckks":
         return _compile_ckks(args)
-    from gravel.compiler import compile_model
+    from gravel.compiler import Finetune, compile_model
     from gravel.harness.common import calib_images, calib_labels
 
     data = load_data(args)
     t = time.perf_counter()
+    tune = None
+    if args.finetune:  # the training set (up to 10,000 samples), not the calibration one
+        tune = Finetune(data.x_train[:FINETUNE_SAMPLES], data.y_train[:FINETUNE_SAMPLES], args.finetune,
+                        progress=not args.quiet)
     manifest = compile_model(args.model, calib_images(data, args.calib), args.out, quant_config(args),
                              calib_y=calib_labels(data, args.calib),
                              p_error=args.p_error, max_shards=args.shards or 1, name=args.name,
-                             overwrite=args.force, show_progress=not args.quiet)
+                             overwrite=args.force, show_progress=not args.quiet, finetune=tune)
     stats = manifest.data["stats"]
     print(f"compiled {manifest.name} in {time.perf_counter() - t:.1f} s -> {args.out}")
     print(f"  {len(manifest.stages)} stages, {stats['table_lookups']} table lookups, shards per stage "
@@ -69,7 +76,7 @@ def _compile_ckks(args: argparse.Namespace) -> None:
     options = ckks_options(args)
     tune = None
     if options.finetune_epochs:  # the training set (up to 10,000 samples), not the calibration one
-        tune = (data.x_train[:10_000], data.y_train[:10_000])
+        tune = (data.x_train[:FINETUNE_SAMPLES], data.y_train[:FINETUNE_SAMPLES])
     manifest = compile_ckks_model(args.model, calib_images(data, args.calib), args.out,
                                   calib_labels(data, args.calib), options, name=args.name,
                                   overwrite=args.force, finetune_data=tune)

@@ -75,8 +75,10 @@ def add_backend_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--precision-bits", type=int, default=d.precision_bits,
                    help=f"ckks: bits after the binary point wanted at the output (default {d.precision_bits})")
     g.add_argument("--finetune", type=int, default=d.finetune_epochs, metavar="EPOCHS",
-                   help="ckks: where fitted polynomials cost more than 1 point, fine-tune the model that "
-                        "many epochs with them in place, on up to 10,000 training samples (default off)")
+                   help="fine-tune the compiled program that many epochs on up to 10,000 training samples "
+                        "(default off). concrete: the quantized program with its rounding in place, which "
+                        "recovers what quantization loses (try 3 with narrower --a-bits/--tlu-bits); ckks: "
+                        "where fitted polynomials cost more than 1 point, with the polynomials in place")
     g.add_argument("--batch-size", type=int, default=d.batch_size,
                    help=f"ckks: the batch size the SIMD packing is planned for (default {d.batch_size})")
     g.add_argument("--batch-block", type=int, default=d.batch_block,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from gravel.compiler.artifact import load_graph, load_program
 from gravel.compiler.ir import Graph, Node, evaluate
-from gravel.compiler.pipeline import Compiled, build, compile_graph, import_model, lower
+from gravel.compiler.pipeline import Compiled, Finetune, build, compile_graph, import_model, lower
 from gravel.compiler.plan import DEFAULT_MAX_SHARDS, ShardPlan, make_plan, partition
 from gravel.compiler.program import DEFAULT_P_ERROR, compile_program
 from gravel.compiler.qgraph import QGraph
@@ -19,6 +19,7 @@ __all__ = [
     "DEFAULT_MAX_SHARDS",
     "DEFAULT_P_ERROR",
     "Compiled",
+    "Finetune",
     "Graph",
     "Node",
     "QGraph",

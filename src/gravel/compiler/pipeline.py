@@ -21,7 +21,7 @@ from gravel.compiler.quantize import MAX_INTEGER_BITS, QuantConfig, conform_batc
 from gravel.errors import ModelError
 from gravel.protocol import Manifest
 
-__all__ = ["Compiled", "build", "compile_graph", "import_model"]
+__all__ = ["Compiled", "Finetune", "build", "compile_graph", "import_model"]
 
 
 @dataclass
@@ -56,10 +56,22 @@ def import_model(model: Any, sample: np.ndarray | None = None) -> tuple[Graph, d
     return load_graph_model(model, sample if isinstance(model, nn.Module) else None)
 
 
+@dataclass(frozen=True)
+class Finetune:
+    """Fine-tune the quantized program (`gravel.compiler.finetune`) `epochs` epochs on the
+    labelled samples `x`, `y` (a training set: up to 10,000 samples is plenty)."""
+
+    x: np.ndarray
+    y: np.ndarray
+    epochs: int = 3
+    progress: bool = False
+
+
 def build(model: Any, calib_x: np.ndarray, config: QuantConfig = QuantConfig(),
-          max_shards: int = DEFAULT_MAX_SHARDS, calib_y: np.ndarray | None = None) -> Compiled:
+          max_shards: int = DEFAULT_MAX_SHARDS, calib_y: np.ndarray | None = None,
+          finetune: Finetune | None = None) -> Compiled:
     """Import, canonicalise, quantize (calibrating on `calib_x`, labelled by `calib_y` where
-    known, which sharpens the post-training search), partition and plan."""
+    known, which sharpens the post-training search), fine-tune where asked, partition and plan."""
     source, info = import_model(model, calib_x[:1])
     graph = canonicalise(source)
     calib = conform_batch(calib_x, graph.input_shape)
@@ -72,13 +84,27 @@ def build(model: Any, calib_x: np.ndarray, config: QuantConfig = QuantConfig(),
             state["q"], state["config"] = quantize(g, calib, config), config
         return g
 
+    def _finetune(g: Graph) -> Graph:
+        from gravel.compiler.finetune import finetune_qgraph
+
+        q = state["q"]
+        result = finetune_qgraph(q, finetune.x, finetune.y, calib, epochs=finetune.epochs,
+                                 max_integer_bits=MAX_INTEGER_BITS, progress=finetune.progress)
+        q.notes.append(result.note())
+        info["finetune"] = {"samples": result.samples, "epochs": result.epochs, "best_epoch": result.best_epoch,
+                            "accuracy_before": result.accuracy_before, "accuracy_after": result.accuracy_after}
+        return g
+
     def _partition(g: Graph) -> Graph:
         state["stages"] = partition(state["q"])
         state["plan"] = make_plan(state["stages"], max_shards)
         return g
 
-    run_passes(graph, [Pass("quantize", _quantize), Pass("partition and plan shards", _partition)],
-               check=lambda g: None)
+    passes = [Pass("quantize", _quantize)]
+    if finetune is not None:
+        passes.append(Pass("fine-tune the quantized program", _finetune))
+    passes.append(Pass("partition and plan shards", _partition))
+    run_passes(graph, passes, check=lambda g: None)
     return Compiled(source, graph, state["q"], state["stages"], state["plan"], info, state["config"])
 
 
@@ -241,9 +267,10 @@ def compile_graph(
     compress_keys: bool = True,
     fused: bool | None = None,
     calib_y: np.ndarray | None = None,
+    finetune: Finetune | None = None,
 ) -> Manifest:
     """All passes, then the artifact directory (written atomically: nothing half-written)."""
-    compiled = build(model, calib_x, config, max_shards, calib_y)
+    compiled = build(model, calib_x, config, max_shards, calib_y, finetune)
     if name:
         compiled.info["name"] = name
     module = lower(compiled, calib_x, p_error, show_progress=show_progress, compress_keys=compress_keys, fused=fused)

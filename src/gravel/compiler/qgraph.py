@@ -134,6 +134,7 @@ def lut_function(attrs: dict[str, Any]) -> Callable[[Any], Any]:
         y = f(a * s_in + o_in)
         return np.clip(np.floor((y - o_out) / s_out + 0.5), qmin, qmax).astype(np.int64)
 
+    fn.attrs = attrs  # type: ignore[attr-defined]  (what a training backend derives its gradient from)
     return fn
 
 
@@ -158,6 +159,12 @@ class NumpyBackend:
 
     def concat(self, parts: Sequence[Any], axis: int) -> Any:
         return parts[0] if len(parts) == 1 else np.concatenate(tuple(parts), axis=axis + self.lead)
+
+    def transpose(self, x: Any, perm: tuple[int, ...]) -> Any:
+        return np.transpose(x, perm)
+
+    def sum(self, x: Any, axis: int) -> Any:
+        return np.sum(x, axis=axis)
 
     def zeros_like_tail(self, x: Any, n: int) -> Any:
         return np.zeros(x.shape[:-1] + (n,), dtype=np.int64)
@@ -232,7 +239,7 @@ def _with_pad_slot(x: Any, backend: Any, value: int) -> Any:
     pad = backend.zeros_like_tail(flat, 1)
     if value:
         pad = pad + int(value)
-    return np.concatenate((flat, pad), axis=lead)
+    return backend.concat((flat, pad), 0)
 
 
 def _take(flat: Any, index: np.ndarray, backend: Any) -> Any:
@@ -263,13 +270,13 @@ def run_node(node: QNode, args: list[Any], backend: Any, w: Any = None, b: Any =
         c, k, p = in_shape[0], cols.shape[-2], cols.shape[-1]
         # (..., P, C*k) @ (C*k, O) -> (..., P, O) -> (..., O, Ho, Wo)
         if lead:
-            cols = np.transpose(cols, (0, 3, 1, 2)).reshape(cols.shape[0], p, c * k)
+            cols = backend.transpose(cols, (0, 3, 1, 2)).reshape(cols.shape[0], p, c * k)
             acc = cols @ w
-            acc = np.transpose(acc, (0, 2, 1)).reshape((acc.shape[0], acc.shape[2]) + tuple(node.shape[1:]))
+            acc = backend.transpose(acc, (0, 2, 1)).reshape((acc.shape[0], acc.shape[2]) + tuple(node.shape[1:]))
         else:
-            cols = np.transpose(cols, (2, 0, 1)).reshape((p, c * k))
+            cols = backend.transpose(cols, (2, 0, 1)).reshape((p, c * k))
             acc = cols @ w
-            acc = np.transpose(acc).reshape((acc.shape[1],) + tuple(node.shape[1:]))
+            acc = backend.transpose(acc, (1, 0)).reshape((acc.shape[1],) + tuple(node.shape[1:]))
         return acc + b
     if op == "lut":
         return backend.lut(lut_function(a), backend.round(x, a["lsbs"], a["exact"]))
@@ -289,7 +296,7 @@ def run_node(node: QNode, args: list[Any], backend: Any, w: Any = None, b: Any =
         cols = _windows(node, x, backend, a["in_shape"], a.get("pad", 0))  # (..., C, k, P)
         k = cols.shape[-2]
         if op == "sumpool":
-            out = np.sum(cols, axis=-2)
+            out = backend.sum(cols, -2)
         else:
             parts = [cols[:, :, i, :] if lead else cols[:, i, :] for i in range(k)]
             while len(parts) > 1:  # a balanced tree of pairwise maxima
@@ -303,7 +310,7 @@ def run_node(node: QNode, args: list[Any], backend: Any, w: Any = None, b: Any =
         return x.reshape(x.shape[:lead] + tuple(node.shape))
     if op == "transpose":
         perm = tuple(range(lead)) + tuple(p + lead for p in a["perm"])
-        return np.transpose(x, perm)
+        return backend.transpose(x, perm)
     if op == "concat":
         return backend.concat(args, a["axis"])
     if op == "pad":
