@@ -14,7 +14,10 @@ runs as a subprocess (`concrete_ml_inner.py`) that prints one JSON line. Both si
   MNIST test images, handed to Concrete ML as an `.npz` of plain arrays (no pickle).
 
 Paths: `gravel_ptq` (the float model's ONNX export compiled by Gravel at default settings, one
-process, `gravel.harness.bench`), `cml_qat` (Concrete ML's QAT recipe: a Brevitas 3-bit
+process, `gravel.harness.bench`), `gravel_finetuned` (the same export compiled at 3-bit
+activations and 4-bit lookups, `--a-bits 3 --tlu-bits 4`, then fine-tuned 3 epochs with that
+quantization in place on the 5k MNIST training subset, `--finetune 3`: what `gravel compile`
+does with those options, on the data Concrete ML's QAT recipe trains on), `cml_qat` (Concrete ML's QAT recipe: a Brevitas 3-bit
 weights/activations 784-128-64-10 net through `compile_brevitas_qat_model`) and `cml_ptq`
 (`compile_torch_model(float model, calib, n_bits=6)`); `concrete_ml_inner.py` says which
 Concrete ML settings are used (accumulator rounding, client-side normalisation) and why. By
@@ -56,7 +59,10 @@ INNER = HERE / "concrete_ml_inner.py"
 MLP_EPOCHS, MLP_LR = 30, 2e-3
 CALIB_IMAGES = 500
 CLEAR_ACC_IMAGES = 2000
-PATHS = ("gravel_ptq", "cml_qat", "cml_ptq")
+PATHS = ("gravel_ptq", "gravel_finetuned", "cml_qat", "cml_ptq")
+# gravel_finetuned: the widths given (the rest as the search starts) and the fine-tuning epochs
+FINETUNED_WIDTHS = {"in_bits": 3, "w_bits": 5, "a_bits": 3, "tlu_bits": 4}
+FINETUNE_EPOCHS = 3
 
 
 def _log(msg: str) -> None:
@@ -115,30 +121,40 @@ def export_for_cml(model: Any, data: Any, calib: np.ndarray, path: Path) -> None
 
 
 def run_gravel(onnx_path: Path, data: Any, calib: np.ndarray, calib_y: np.ndarray,
-               samples: int) -> dict[str, Any]:
-    """Gravel's post-training path at default settings, one process (max_shards=1), labelled
-    calibration as `gravel compile --data` does; plus the simulated program's accuracy on the
-    2000 test images (concrete's simulation draws lookup errors at the compiled p_error), a
-    steadier figure than 100 encrypted images, where one image is a point."""
-    from gravel.compiler import QuantConfig, build, compile_model, load_graph
+               samples: int, finetuned: bool = False) -> dict[str, Any]:
+    """One of Gravel's paths in one process (max_shards=1), labelled calibration as `gravel
+    compile --data` does: default settings, or (`finetuned`) the fixed widths fine-tuned on
+    the training set; plus the simulated program's accuracy on the 2000 test images (concrete's
+    simulation draws lookup errors at the compiled p_error), a steadier figure than 100
+    encrypted images, where one image is a point."""
+    from gravel.compiler import Finetune, QuantConfig, build, compile_model, load_graph, partition
     from gravel.harness.bench import bench
     from gravel.harness.check import simulate, simulation_model
 
-    art = RUNS / "compare-mlp.gravel"
+    config = QuantConfig(**FINETUNED_WIDTHS, search=False) if finetuned else QuantConfig()
+    tune = Finetune(data.x_train, data.y_train, FINETUNE_EPOCHS) if finetuned else None
+    art = RUNS / ("compare-mlp-finetuned.gravel" if finetuned else "compare-mlp.gravel")
     t = time.perf_counter()
-    manifest = compile_model(onnx_path, calib, art, max_shards=1, overwrite=True, calib_y=calib_y)
+    manifest = compile_model(onnx_path, calib, art, config, max_shards=1, overwrite=True, calib_y=calib_y,
+                             finetune=tune)
     compile_s = time.perf_counter() - t
     x, y = data.x_test[:CLEAR_ACC_IMAGES], data.y_test[:CLEAR_ACC_IMAGES]
-    acc_q = float((load_graph(manifest).predict(x) == y).mean())
+    graph = load_graph(manifest)
+    acc_q = float((graph.predict(x) == y).mean())
     p_error = manifest.data["backend"]["p_error"]
-    one, module = simulation_model(build(onnx_path, calib, QuantConfig(), 1, calib_y), calib, p_error)
+    # the artifact's own integer program (fine-tuned weights included), simulated
+    compiled = build(onnx_path, calib, config, 1, calib_y)
+    compiled.qgraph, compiled.stages = graph, partition(graph)
+    one, module = simulation_model(compiled, calib, p_error)
     acc_sim = float((simulate(module, one, x) == y).mean())
     r = bench(art, data, samples=samples, progress=False)
     keep = ("latency_s", "accuracy_encrypted", "accuracy_clear", "agreement", "samples",
             "eval_key_bytes", "input_ct_bytes", "keygen_s", "encrypt_s", "decrypt_s", "pbs_count")
     out = {k: r[k] for k in keep}
     out.update({"accuracy_quantized_2000": acc_q, "accuracy_simulated_2000": acc_sim,
-                "compile_s": round(compile_s, 1), "p_error": p_error, **fused_cost(art)})
+                "compile_s": round(compile_s, 1), "p_error": p_error, **fused_cost(art),
+                "widths": {k: getattr(config, k) for k in FINETUNED_WIDTHS} if finetuned else "searched",
+                "finetune": manifest.data["model"].get("finetune")})
     return out
 
 
@@ -247,16 +263,19 @@ def main() -> None:
     calib_y = calib_labels(data, CALIB_IMAGES)
     results: dict[str, dict[str, Any]] = {}
 
-    if "gravel_ptq" in paths:
+    gravel_paths = [p for p in paths if p.startswith("gravel_")]
+    if gravel_paths:
         onnx_path = RUNS / "compare-mlp.onnx"  # exported each run: exactly the weights CML gets
         with contextlib.redirect_stdout(sys.stderr):  # the exporter talks; stdout is for the JSON
             export(model, torch.from_numpy(data.x_test[:1]).float(), onnx_path, "dynamo")
-        _log(f"gravel_ptq: compile {onnx_path.name} and run {args.samples} encrypted images")
+    for path in gravel_paths:
+        _log(f"{path}: compile {onnx_path.name} and run {args.samples} encrypted images")
         try:
-            results["gravel_ptq"] = run_gravel(onnx_path, data, calib, calib_y, args.samples)
+            results[path] = run_gravel(onnx_path, data, calib, calib_y, args.samples,
+                                       finetuned=path == "gravel_finetuned")
         except Exception as exc:  # noqa: BLE001  (a failing path is reported, the others still run)
             traceback.print_exc(file=sys.stderr)
-            results["gravel_ptq"] = {"error": f"{type(exc).__name__}: {exc}"}
+            results[path] = {"error": f"{type(exc).__name__}: {exc}"}
 
     if cml_paths:
         npz = RUNS / "compare-mnist.npz"

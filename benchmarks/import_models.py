@@ -2,6 +2,7 @@
 
     python benchmarks/import_models.py mlp     [--samples 30] [--exporter dynamo|legacy]
     python benchmarks/import_models.py resnet  [--samples 3]
+    python benchmarks/import_models.py resnet  --a-bits 6 --tlu-bits 6 --finetune 3 --finetune-samples 30000
 
 `mlp`: the reference 784-128-64-10 MLP with the input normalisation inside the graph
 ((x - 0.1307) / 0.3081, exported as Sub and Div), trained on the 5k MNIST training subset,
@@ -126,9 +127,13 @@ def main() -> None:
     ap.add_argument("--a-bits", type=int)
     ap.add_argument("--tlu-bits", type=int)
     ap.add_argument("--p-error", type=float, default=None)
+    ap.add_argument("--finetune", type=int, default=0, metavar="EPOCHS",
+                    help="fine-tune the quantized program that many epochs (gravel compile --finetune)")
+    ap.add_argument("--finetune-samples", type=int, default=10_000,
+                    help="training samples for --finetune (default 10,000, as gravel compile uses)")
     args = ap.parse_args()
 
-    from gravel.compiler import QuantConfig, compile_model
+    from gravel.compiler import Finetune, QuantConfig, compile_model
     from gravel.data import load_dataset
     from gravel.harness.bench import bench
     from gravel.harness.common import calib_images, calib_labels
@@ -161,6 +166,9 @@ def main() -> None:
     kwargs = {"max_shards": args.shards}
     if args.p_error is not None:
         kwargs["p_error"] = args.p_error
+    if args.finetune:
+        n = args.finetune_samples
+        kwargs["finetune"] = Finetune(data.x_train[:n], data.y_train[:n], args.finetune, progress=True)
     art = RUNS / f"{tag}-{args.exporter}.gravel"
     t = time.perf_counter()
     manifest = compile_model(onnx_path, calib_images(data, 500), art, config, overwrite=True,
@@ -179,6 +187,7 @@ def main() -> None:
         "loss_points": round(100 * (acc_float - acc_quant), 2),
         f"accuracy_float_{len(data.y_test)}": acc_float_all, f"accuracy_quantized_{len(data.y_test)}": acc_quant_all,
         "table_lookups": manifest.data["stats"]["table_lookups"],
+        "finetune": manifest.data["model"].get("finetune"),
         "config": {"in_bits": config.in_bits, "w_bits": config.w_bits, "a_bits": config.a_bits,
                    "tlu_bits": config.tlu_bits, "p_error": manifest.data["backend"]["p_error"]},
         "compile_s": round(compile_s, 1), "train_s": round(train_s, 1), "cpus": os.cpu_count(),
