@@ -36,7 +36,14 @@ def test_check_reports_stages_estimates_and_warns(digits_checkpoint, digits):
                config=__import__("gravel").QuantConfig(tlu_bits=2, search=False), estimate=False)
     assert any("loses the most accuracy" in w and "-bit lookups keep the model within" in w
                for w in r2["warnings"]), r2["warnings"]
+    assert any("--finetune 3" in w for w in r2["warnings"])
     assert r2["accuracy_simulated"] is None
+    # and fine-tuning at those widths, measured by check itself, recovers part of the loss
+    r3 = check(digits_checkpoint, digits, samples=200, sim_samples=0, fhe_samples=0, calib=200, progress=False,
+               config=__import__("gravel").QuantConfig(tlu_bits=2, search=False), estimate=False, finetune=6)
+    assert r3["accuracy_quantized"] > r2["accuracy_quantized"], (r2["accuracy_quantized"], r3["accuracy_quantized"])
+    assert any(w.startswith("fine-tuned the quantized program") for w in r3["warnings"]), r3["warnings"]
+    assert not any("--finetune 3" in w for w in r3["warnings"])
 
 
 def test_check_lists_every_unsupported_node_at_once(tmp_path, digits):

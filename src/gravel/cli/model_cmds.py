@@ -21,9 +21,6 @@ from gravel.errors import GravelError
 
 __all__ = ["cmd_bench", "cmd_check", "cmd_compile", "cmd_train", "register"]
 
-# training samples `--finetune` uses, for either backend
-FINETUNE_SAMPLES = 10_000
-
 
 def cmd_train(args: argparse.Namespace) -> None:
     from gravel.model import Checkpoint, build_model, save_checkpoint, train
@@ -47,6 +44,7 @@ def cmd_compile(args: argparse.Namespace) -> None:
     if args.backend == "ckks":
         return _compile_ckks(args)
     from gravel.compiler import Finetune, compile_model
+    from gravel.compiler.finetune import FINETUNE_SAMPLES
     from gravel.harness.common import calib_images, calib_labels
 
     data = load_data(args)
@@ -69,6 +67,7 @@ def cmd_compile(args: argparse.Namespace) -> None:
 
 def _compile_ckks(args: argparse.Namespace) -> None:
     from gravel.ckks.artifact import compile_ckks_model
+    from gravel.compiler.finetune import FINETUNE_SAMPLES
     from gravel.harness.common import calib_images, calib_labels
 
     data = load_data(args)
@@ -101,7 +100,7 @@ def cmd_check(args: argparse.Namespace) -> None:
     r = check(args.model, load_data(args), samples=args.samples, sim_samples=args.sim_samples,
               fhe_samples=args.fhe_samples, config=quant_config(args), calib=args.calib,
               p_error=args.p_error, max_shards=args.shards or 1, progress=not args.quiet,
-              advice=not args.no_advice, batch=args.batch_size)
+              advice=not args.no_advice, batch=args.batch_size, finetune=args.finetune)
     if args.json:
         print(json.dumps(r))
     if not r["supported"]:

@@ -30,7 +30,10 @@ from gravel.compiler.ir import activation
 from gravel.compiler.qgraph import QGraph, QNode, run_node, signed_width
 from gravel.errors import InputError
 
-__all__ = ["FinetuneResult", "TorchBackend", "finetune_qgraph"]
+__all__ = ["FINETUNE_SAMPLES", "FinetuneResult", "TorchBackend", "finetune_qgraph"]
+
+# training samples the commands fine-tune on (either backend): a few epochs of these are plenty
+FINETUNE_SAMPLES = 10_000
 
 
 @dataclass(frozen=True)
@@ -201,32 +204,38 @@ def _forward(graph: QGraph, backend: TorchBackend, params: dict[str, tuple[Any, 
 
 
 class _Widened(Exception):
-    """A lookup that rounds exactly would need a wider rounding after fine-tuning."""
+    """A lookup's accumulator would need more bits than its rounding was planned for."""
 
 
-def _remeasure(graph: QGraph, calib_q: np.ndarray) -> list[str]:
-    """Every node's range on the calibration set after the weights changed; a lookup whose
-    accumulator grew removes more bits so its lookup width is unchanged. Returns what moved."""
+def _remeasure(graph: QGraph, calib_q: np.ndarray) -> None:
+    """Every node's range on the calibration set after the weights changed. A lookup's
+    rounding stays as trained, so an accumulator that grew past the width it was planned for
+    (more bits to remove, a coarser lookup than the one trained) raises _Widened."""
     values = graph.forward_int(calib_q, keep=True)
-    moved: list[str] = []
     for node in graph.nodes:
         v = values[node.name]
         node.lo, node.hi = int(v.min()), int(v.max())
+    for node in graph.nodes:
         if node.op == "lut":
             src = graph.node(node.inputs[0])
-            width = signed_width(src.lo, src.hi)
-            kept = int(node.attrs["acc_bits"]) - int(node.attrs["lsbs"])
-            if width - int(node.attrs["lsbs"]) > kept:
-                node.attrs["lsbs"] = width - kept
-                moved.append(node.name)
-                if node.attrs.get("exact"):
-                    raise _Widened(node.name)  # an exact threshold's offset assumed the old rounding
-            node.attrs["acc_bits"] = width
-    if moved:  # a wider rounding changes what the lookups read: measure again
-        values = graph.forward_int(calib_q, keep=True)
-        for node in graph.nodes:
-            node.lo, node.hi = int(values[node.name].min()), int(values[node.name].max())
-    return moved
+            if signed_width(src.lo, src.hi) > int(node.attrs["acc_bits"]):
+                raise _Widened(node.name)
+
+
+def _limits(graph: QGraph, max_integer_bits: int) -> dict[str, float]:
+    """How large each linear node's and sum's integers may grow while training: 80 % of
+    concrete's range (or as wide as calibration found them, where that is more), and for an
+    accumulator a lookup reads, within the width its rounding was planned for."""
+    top = 2.0 ** (max_integer_bits - 1)
+    widest = {n.name: float(max(abs(n.lo), abs(n.hi))) for n in graph.nodes}
+    limits = {n.name: min(max(0.8 * top, widest[n.name]), 0.97 * top)
+              for n in graph.nodes if n.op in ("linear", "add", "sumpool")}
+    for n in graph.nodes:
+        src = n.inputs[0] if n.op == "lut" else None
+        if src in limits:
+            planned = 2.0 ** (int(n.attrs["acc_bits"]) - 1)
+            limits[src] = min(limits[src], max(0.95 * planned, widest[src]))
+    return limits
 
 
 def finetune_qgraph(graph: QGraph, x: np.ndarray, y: np.ndarray, calib_x: np.ndarray, epochs: int = 3,
@@ -267,11 +276,7 @@ def finetune_qgraph(graph: QGraph, x: np.ndarray, y: np.ndarray, calib_x: np.nda
     opt = torch.optim.Adam(trained, lr=lr)
     steps = epochs * ((len(x) + batch_size - 1) // batch_size)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)  # settles the weights at the end
-    # each linear node's and sum's integers may grow to 80 % of concrete's range, or stay as
-    # wide as calibration found them where that is more (a margin: calibration is 500 samples)
-    top = 2.0 ** (max_integer_bits - 1)
-    limits = {n.name: min(max(0.8 * top, float(max(abs(n.lo), abs(n.hi)))), 0.97 * top)
-              for n in graph.nodes if n.op in ("linear", "add", "sumpool")}
+    limits = _limits(graph, max_integer_bits)
     xt, yt = torch.from_numpy(q_all), torch.from_numpy(y)
 
     def accuracy() -> float:
@@ -326,7 +331,7 @@ def finetune_qgraph(graph: QGraph, x: np.ndarray, y: np.ndarray, calib_x: np.nda
             refused = (f"{widest.where} would need {width}-bit integers (concrete's hold {max_integer_bits})"
                        if width > max_integer_bits else "")
         except _Widened as exc:
-            refused = f"the exact lookup '{exc}' would need a wider rounding"
+            refused = f"the accumulator of lookup '{exc}' would outgrow its planned rounding"
         if not refused:
             return FinetuneResult(len(x), epochs, before, acc, epoch, tuple(history))
         for n in graph.nodes:  # undo this epoch's weights and any rounding it widened

@@ -158,13 +158,25 @@ def check(
     estimate: bool = True,
     advice: bool = False,
     batch: int = 1,
+    finetune: int = 0,
     **compile_kwargs: Any,
 ) -> dict[str, Any]:
     """The report as a dict; `supported: False` with every problem when the model cannot run.
-    `advice`: also compile for CKKS and say which backend suits batches of `batch` samples."""
+    `advice`: also compile for CKKS and say which backend suits batches of `batch` samples.
+    `finetune`: epochs of fine-tuning the quantized program on the training set, as
+    `gravel compile --finetune` does (the figures are then the fine-tuned program's)."""
+    from gravel.compiler import Finetune
+    from gravel.compiler.finetune import FINETUNE_SAMPLES
+
     calib_x = calib_images(data, calib)
+    tune = None
+    if finetune:
+        tune = Finetune(data.x_train[:FINETUNE_SAMPLES], data.y_train[:FINETUNE_SAMPLES], finetune,
+                        progress=progress)
+        compile_kwargs["finetune"] = tune
     try:
-        compiled = build(model, calib_x, config, compile_kwargs.get("max_shards") or 1, calib_labels(data, calib))
+        compiled = build(model, calib_x, config, compile_kwargs.get("max_shards") or 1, calib_labels(data, calib),
+                         tune)
     except ModelError as exc:
         return {"supported": False, "problems": str(exc).splitlines()}
     x, y = data.x_test[:samples], data.y_test[:samples]
@@ -184,6 +196,9 @@ def check(
     if acc_float - acc_quant > TOLERANCE:
         warnings.append(f"quantization costs {100 * (acc_float - acc_quant):.1f} points of accuracy")
         warnings += _culprit(model, compiled, calib_x, x, y, acc_float, replace(compiled.config, search=False))
+        if not finetune:
+            warnings.append("fine-tuning the quantized program often recovers this at the same widths, "
+                            "without wider lookups: add --finetune 3 (to gravel check as well, to measure it)")
     result: dict[str, Any] = {
         "supported": True,
         "model": compiled.info.get("name"),
