@@ -50,9 +50,9 @@ def cmd_compile(args: argparse.Namespace) -> None:
     data = load_data(args)
     t = time.perf_counter()
     tune = None
-    if args.finetune:  # the training set (up to 10,000 samples), not the calibration one
-        tune = Finetune(data.x_train[:FINETUNE_SAMPLES], data.y_train[:FINETUNE_SAMPLES], args.finetune,
-                        progress=not args.quiet)
+    if args.finetune:  # the training set, not the calibration one
+        n = args.finetune_samples or FINETUNE_SAMPLES
+        tune = Finetune(data.x_train[:n], data.y_train[:n], args.finetune, progress=not args.quiet)
     manifest = compile_model(args.model, calib_images(data, args.calib), args.out, quant_config(args),
                              calib_y=calib_labels(data, args.calib),
                              p_error=args.p_error, max_shards=args.shards or 1, name=args.name,
@@ -74,8 +74,9 @@ def _compile_ckks(args: argparse.Namespace) -> None:
     t = time.perf_counter()
     options = ckks_options(args)
     tune = None
-    if options.finetune_epochs:  # the training set (up to 10,000 samples), not the calibration one
-        tune = (data.x_train[:FINETUNE_SAMPLES], data.y_train[:FINETUNE_SAMPLES])
+    if options.finetune_epochs:  # the training set, not the calibration one
+        n = args.finetune_samples or FINETUNE_SAMPLES
+        tune = (data.x_train[:n], data.y_train[:n])
     manifest = compile_ckks_model(args.model, calib_images(data, args.calib), args.out,
                                   calib_labels(data, args.calib), options, name=args.name,
                                   overwrite=args.force, finetune_data=tune)
@@ -100,7 +101,8 @@ def cmd_check(args: argparse.Namespace) -> None:
     r = check(args.model, load_data(args), samples=args.samples, sim_samples=args.sim_samples,
               fhe_samples=args.fhe_samples, config=quant_config(args), calib=args.calib,
               p_error=args.p_error, max_shards=args.shards or 1, progress=not args.quiet,
-              advice=not args.no_advice, batch=args.batch_size, finetune=args.finetune)
+              advice=not args.no_advice, batch=args.batch_size, finetune=args.finetune,
+              finetune_samples=args.finetune_samples)
     if args.json:
         print(json.dumps(r))
     if not r["supported"]:

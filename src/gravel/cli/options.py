@@ -79,6 +79,8 @@ def add_backend_options(p: argparse.ArgumentParser) -> None:
                         "(default off). concrete: the quantized program with its rounding in place, which "
                         "recovers what quantization loses (try 3 with narrower --a-bits/--tlu-bits); ckks: "
                         "where fitted polynomials cost more than 1 point, with the polynomials in place")
+    g.add_argument("--finetune-samples", type=int, default=None, metavar="N",
+                   help="training samples for --finetune (default 10,000)")
     g.add_argument("--batch-size", type=int, default=d.batch_size,
                    help=f"ckks: the batch size the SIMD packing is planned for (default {d.batch_size})")
     g.add_argument("--batch-block", type=int, default=d.batch_block,

@@ -70,6 +70,7 @@ class TorchBackend:
         import torch
 
         self.torch = torch
+        self._lookup = _lookup_function()
 
     def round(self, a: Any, lsbs: int, exact: bool = True) -> Any:
         if lsbs == 0:
@@ -78,7 +79,7 @@ class TorchBackend:
         return a + (self.torch.floor((a + step / 2) / step) * step - a).detach()
 
     def lut(self, fn: Callable[[Any], Any], a: Any) -> Any:
-        return _Lookup.apply(a, fn)
+        return self._lookup.apply(a, fn)
 
     def maximum(self, a: Any, b: Any) -> Any:
         return self.torch.maximum(a, b)
@@ -111,6 +112,7 @@ def _slope(attrs: dict[str, Any], a: np.ndarray) -> np.ndarray:
 
 
 def _lookup_function() -> Any:
+    """A table lookup as a torch function: its exact table forward, `_slope` backward."""
     import torch
 
     class Lookup(torch.autograd.Function):
@@ -128,18 +130,6 @@ def _lookup_function() -> Any:
             return grad * torch.from_numpy(slope).to(grad.dtype), None
 
     return Lookup
-
-
-class _LazyLookup:
-    _cls: Any = None
-
-    def apply(self, a: Any, fn: Callable[[Any], Any]) -> Any:
-        if self._cls is None:
-            type(self)._cls = _lookup_function()
-        return self._cls.apply(a, fn)
-
-
-_Lookup = _LazyLookup()
 
 
 def _linear_mask(node: QNode) -> np.ndarray:

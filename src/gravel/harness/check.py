@@ -159,20 +159,22 @@ def check(
     advice: bool = False,
     batch: int = 1,
     finetune: int = 0,
+    finetune_samples: int | None = None,
     **compile_kwargs: Any,
 ) -> dict[str, Any]:
     """The report as a dict; `supported: False` with every problem when the model cannot run.
     `advice`: also compile for CKKS and say which backend suits batches of `batch` samples.
-    `finetune`: epochs of fine-tuning the quantized program on the training set, as
-    `gravel compile --finetune` does (the figures are then the fine-tuned program's)."""
+    `finetune`: epochs of fine-tuning the quantized program on (the first `finetune_samples`
+    of) the training set, as `gravel compile --finetune` does (the figures are then the
+    fine-tuned program's)."""
     from gravel.compiler import Finetune
     from gravel.compiler.finetune import FINETUNE_SAMPLES
 
     calib_x = calib_images(data, calib)
     tune = None
     if finetune:
-        tune = Finetune(data.x_train[:FINETUNE_SAMPLES], data.y_train[:FINETUNE_SAMPLES], finetune,
-                        progress=progress)
+        n = finetune_samples or FINETUNE_SAMPLES
+        tune = Finetune(data.x_train[:n], data.y_train[:n], finetune, progress=progress)
         compile_kwargs["finetune"] = tune
     try:
         compiled = build(model, calib_x, config, compile_kwargs.get("max_shards") or 1, calib_labels(data, calib),
