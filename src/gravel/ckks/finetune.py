@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from gravel.ckks.program import CkksProgram
-from gravel.errors import InputError
+from gravel.compiler.finetune import check_finetune_data
 
 __all__ = ["finetune_program"]
 
@@ -45,11 +45,7 @@ def finetune_program(program: CkksProgram, x: np.ndarray, y: np.ndarray, epochs:
     import torch
 
     x = program.conform(x)
-    y = np.asarray(y, dtype=np.int64)
-    if len(x) != len(y) or len(x) < 2:
-        raise InputError(f"fine-tuning needs labelled samples: {len(x)} inputs, {len(y)} labels")
-    if epochs < 1:
-        raise InputError(f"fine-tuning needs at least one epoch, got {epochs}")
+    y = check_finetune_data(x, y, epochs)
     torch.manual_seed(seed)
     params = [torch.tensor(a, dtype=torch.float64, requires_grad=True)
               for st in program.stages if st.weight is not None for a in (st.weight, st.bias)]

@@ -30,7 +30,7 @@ from gravel.compiler.ir import activation
 from gravel.compiler.qgraph import QGraph, QNode, run_node, signed_width
 from gravel.errors import InputError
 
-__all__ = ["FINETUNE_SAMPLES", "FinetuneResult", "TorchBackend", "finetune_qgraph"]
+__all__ = ["FINETUNE_SAMPLES", "FinetuneResult", "TorchBackend", "check_finetune_data", "finetune_qgraph"]
 
 # training samples the commands fine-tune on (either backend): a few epochs of these are plenty
 FINETUNE_SAMPLES = 10_000
@@ -228,6 +228,17 @@ def _limits(graph: QGraph, max_integer_bits: int) -> dict[str, float]:
     return limits
 
 
+def check_finetune_data(x: np.ndarray, y: np.ndarray, epochs: int) -> np.ndarray:
+    """The labels as integers, once the samples and epochs make sense for fine-tuning (either
+    backend's); a clear error otherwise."""
+    y = np.asarray(y, dtype=np.int64)
+    if len(x) != len(y) or len(x) < 2:
+        raise InputError(f"fine-tuning needs labelled samples: {len(x)} inputs, {len(y)} labels")
+    if epochs < 1:
+        raise InputError(f"fine-tuning needs at least one epoch, got {epochs}")
+    return y
+
+
 def finetune_qgraph(graph: QGraph, x: np.ndarray, y: np.ndarray, calib_x: np.ndarray, epochs: int = 3,
                     lr: float = 0.02, batch_size: int = 64, seed: int = 0, max_integer_bits: int = 16,
                     progress: bool = False) -> FinetuneResult:
@@ -240,13 +251,10 @@ def finetune_qgraph(graph: QGraph, x: np.ndarray, y: np.ndarray, calib_x: np.nda
     weight crosses a rounding boundary after a few dozen steps where the gradient insists."""
     import torch
 
-    x = np.asarray(x)
-    y = np.asarray(y, dtype=np.int64)
-    if len(x) != len(y) or len(x) < 2:
-        raise InputError(f"fine-tuning needs labelled samples: {len(x)} inputs, {len(y)} labels")
-    if epochs < 1:
-        raise InputError(f"fine-tuning needs at least one epoch, got {epochs}")
     from gravel.compiler.quantize import conform_batch
+
+    x = np.asarray(x)
+    y = check_finetune_data(x, y, epochs)
 
     torch.manual_seed(seed)
     backend = TorchBackend()
