@@ -59,7 +59,8 @@ def import_model(model: Any, sample: np.ndarray | None = None) -> tuple[Graph, d
 @dataclass(frozen=True)
 class Finetune:
     """Fine-tune the quantized program (`gravel.compiler.finetune`) `epochs` epochs on the
-    labelled samples `x`, `y` (a training set: up to 10,000 samples is plenty)."""
+    labelled samples `x`, `y` (training samples, not the calibration ones; the commands take
+    10,000 unless told otherwise)."""
 
     x: np.ndarray
     y: np.ndarray
