@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from gravel.ckks.program import CkksProgram
-from gravel.compiler.finetune import check_finetune_data
+from gravel.compiler.finetune import check_finetune_data, minibatches
 
 __all__ = ["finetune_program"]
 
@@ -59,9 +59,7 @@ def finetune_program(program: CkksProgram, x: np.ndarray, y: np.ndarray, epochs:
 
         iterator = tqdm(iterator, desc="fine-tuning with the polynomials", unit="epoch")
     for _ in iterator:
-        order = torch.randperm(len(xt))
-        for i in range(0, len(xt), batch_size):
-            idx = order[i:i + batch_size]
+        for idx in minibatches(torch, len(xt), batch_size):
             opt.zero_grad()
             loss = torch.nn.functional.cross_entropy(_forward(torch, program, params, xt[idx]), yt[idx])
             loss.backward()

@@ -44,15 +44,13 @@ def cmd_compile(args: argparse.Namespace) -> None:
     if args.backend == "ckks":
         return _compile_ckks(args)
     from gravel.compiler import Finetune, compile_model
-    from gravel.compiler.finetune import FINETUNE_SAMPLES
     from gravel.harness.common import calib_images, calib_labels
 
     data = load_data(args)
     t = time.perf_counter()
     tune = None
     if args.finetune:  # the training set, not the calibration one
-        n = args.finetune_samples or FINETUNE_SAMPLES
-        tune = Finetune(data.x_train[:n], data.y_train[:n], args.finetune, progress=not args.quiet)
+        tune = Finetune.of(data, args.finetune, args.finetune_samples, progress=not args.quiet)
     manifest = compile_model(args.model, calib_images(data, args.calib), args.out, quant_config(args),
                              calib_y=calib_labels(data, args.calib),
                              p_error=args.p_error, max_shards=args.shards or 1, name=args.name,
@@ -67,7 +65,7 @@ def cmd_compile(args: argparse.Namespace) -> None:
 
 def _compile_ckks(args: argparse.Namespace) -> None:
     from gravel.ckks.artifact import compile_ckks_model
-    from gravel.compiler.finetune import FINETUNE_SAMPLES
+    from gravel.compiler import Finetune
     from gravel.harness.common import calib_images, calib_labels
 
     data = load_data(args)
@@ -75,8 +73,8 @@ def _compile_ckks(args: argparse.Namespace) -> None:
     options = ckks_options(args)
     tune = None
     if options.finetune_epochs:  # the training set, not the calibration one
-        n = args.finetune_samples or FINETUNE_SAMPLES
-        tune = (data.x_train[:n], data.y_train[:n])
+        samples = Finetune.of(data, options.finetune_epochs, args.finetune_samples)
+        tune = (samples.x, samples.y)
     manifest = compile_ckks_model(args.model, calib_images(data, args.calib), args.out,
                                   calib_labels(data, args.calib), options, name=args.name,
                                   overwrite=args.force, finetune_data=tune)

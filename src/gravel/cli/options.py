@@ -75,8 +75,8 @@ def add_backend_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--precision-bits", type=int, default=d.precision_bits,
                    help=f"ckks: bits after the binary point wanted at the output (default {d.precision_bits})")
     g.add_argument("--finetune", type=int, default=d.finetune_epochs, metavar="EPOCHS",
-                   help="fine-tune the compiled program that many epochs on up to 10,000 training samples "
-                        "(default off). concrete: the quantized program with its rounding in place, which "
+                   help="fine-tune the compiled program that many epochs on --finetune-samples training "
+                        "samples (default off). concrete: the quantized program with its rounding in place, which "
                         "recovers what quantization loses (try 3 with narrower --a-bits/--tlu-bits); ckks: "
                         "where fitted polynomials cost more than 1 point, with the polynomials in place")
     g.add_argument("--finetune-samples", type=int, default=None, metavar="N",

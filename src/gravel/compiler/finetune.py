@@ -30,7 +30,8 @@ from gravel.compiler.ir import activation
 from gravel.compiler.qgraph import QGraph, QNode, run_node, signed_width
 from gravel.errors import InputError
 
-__all__ = ["FINETUNE_SAMPLES", "FinetuneResult", "TorchBackend", "check_finetune_data", "finetune_qgraph"]
+__all__ = ["FINETUNE_SAMPLES", "FinetuneResult", "TorchBackend", "check_finetune_data", "finetune_qgraph",
+           "minibatches"]
 
 # training samples the commands fine-tune on (either backend): a few epochs of these are plenty
 FINETUNE_SAMPLES = 10_000
@@ -239,6 +240,13 @@ def check_finetune_data(x: np.ndarray, y: np.ndarray, epochs: int) -> np.ndarray
     return y
 
 
+def minibatches(torch: Any, n: int, batch_size: int) -> Any:
+    """One epoch's shuffled index batches over `n` samples (either backend's fine-tuning)."""
+    order = torch.randperm(n)
+    for i in range(0, n, batch_size):
+        yield order[i:i + batch_size]
+
+
 def finetune_qgraph(graph: QGraph, x: np.ndarray, y: np.ndarray, calib_x: np.ndarray, epochs: int = 3,
                     lr: float = 0.02, batch_size: int = 64, seed: int = 0, max_integer_bits: int = 16,
                     progress: bool = False) -> FinetuneResult:
@@ -299,9 +307,7 @@ def finetune_qgraph(graph: QGraph, x: np.ndarray, y: np.ndarray, calib_x: np.nda
 
         iterator = tqdm(iterator, desc="fine-tuning the quantized program", unit="epoch")
     for epoch in iterator:
-        order = torch.randperm(len(xt))
-        for i in range(0, len(xt), batch_size):
-            idx = order[i:i + batch_size]
+        for idx in minibatches(torch, len(xt), batch_size):
             opt.zero_grad()
             logits, excess = _forward(graph, backend, params, xt[idx], limits)
             loss = torch.nn.functional.cross_entropy(logits, yt[idx]) + excess

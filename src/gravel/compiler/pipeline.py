@@ -67,6 +67,14 @@ class Finetune:
     epochs: int = 3
     progress: bool = False
 
+    @classmethod
+    def of(cls, data: Any, epochs: int, samples: int | None = None, progress: bool = False) -> Finetune:
+        """The first `samples` (default FINETUNE_SAMPLES) of a data set's training samples."""
+        from gravel.compiler.finetune import FINETUNE_SAMPLES
+
+        n = samples or FINETUNE_SAMPLES
+        return cls(data.x_train[:n], data.y_train[:n], epochs, progress)
+
 
 def build(model: Any, calib_x: np.ndarray, config: QuantConfig = QuantConfig(),
           max_shards: int = DEFAULT_MAX_SHARDS, calib_y: np.ndarray | None = None,

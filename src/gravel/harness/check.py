@@ -168,14 +168,11 @@ def check(
     of) the training set, as `gravel compile --finetune` does (the figures are then the
     fine-tuned program's)."""
     from gravel.compiler import Finetune
-    from gravel.compiler.finetune import FINETUNE_SAMPLES
 
     calib_x = calib_images(data, calib)
     tune = None
     if finetune:
-        n = finetune_samples or FINETUNE_SAMPLES
-        tune = Finetune(data.x_train[:n], data.y_train[:n], finetune, progress=progress)
-        compile_kwargs["finetune"] = tune
+        tune = compile_kwargs["finetune"] = Finetune.of(data, finetune, finetune_samples, progress)
     try:
         compiled = build(model, calib_x, config, compile_kwargs.get("max_shards") or 1, calib_labels(data, calib),
                          tune)
