@@ -46,3 +46,21 @@ def mlp(rng: np.random.Generator, act: dict, hidden: int = 16) -> Graph:
     g = Graph(nodes, "fc2", (64,), "mlp")
     g.check()
     return g
+
+
+def pooled_cnn(rng: np.random.Generator, c: int = 8) -> Graph:
+    """conv -> ReLU -> conv -> ReLU -> global average pooling -> Gemm: the output stage (pooling,
+    flatten, Gemm) has no lookup."""
+    nodes = [
+        Node("x", "input"),
+        Node("c1", "conv", ("x",), conv_attrs(rng, 4, 1)),
+        Node("r1", "act", ("c1",), dict(fn="relu")),
+        Node("c2", "conv", ("r1",), conv_attrs(rng, c, 4)),
+        Node("r2", "act", ("c2",), dict(fn="relu")),
+        Node("gap", "avgpool", ("r2",), dict(kernel=(8, 8), strides=(8, 8))),
+        Node("fl", "reshape", ("gap",), dict(shape=(c,))),
+        Node("fc", "gemm", ("fl",), dict(weight=rng.normal(0, 0.5, (10, c)), bias=rng.normal(0, 0.1, 10))),
+    ]
+    g = Graph(nodes, "fc", (1, 8, 8), "pooled_cnn")
+    g.check()
+    return g

@@ -15,7 +15,9 @@ def test_artifact_layout_and_manifest(digits_artifact):
     assert names == ["client.specs.json", "manifest.json", "server.zip", "weights.npz"]
     m = load_manifest(digits_artifact, role="all")
     assert m.input["shape"] == [1, 8, 8] and m.input["bits"] == 2  # the QAT model's input quantizer
-    assert [r["shards"] for r in m.plan] == [4, 1]
+    # the output layer folded into the hidden layer's shards, whose partial outputs the client adds
+    assert [r["shards"] for r in m.plan] == [4] and m.plan[0]["partial"]
+    assert m.data["io"]["output_parts"] == ["stage0_0", "stage0_1", "stage0_2", "stage0_3"]
     assert m.data["stats"]["table_lookups"] == 16
     assert not any(p.suffix in (".pkl", ".pickle") for p in digits_artifact.iterdir())
 

@@ -4,11 +4,11 @@ import pytest
 from gravel.compiler import QuantConfig, quantize
 from gravel.compiler.ir import Graph, Node, evaluate
 from gravel.compiler.passes import canonicalise
-from gravel.compiler.plan import make_plan, partition
+from gravel.compiler.plan import affine_map, make_plan, partition, plan_stages
 from gravel.compiler.program import stage_outputs
 from gravel.compiler.qgraph import signed_width
 from gravel.errors import ModelError
-from tests.compiler.graphs import conv_attrs, mlp, residual_cnn
+from tests.compiler.graphs import conv_attrs, mlp, pooled_cnn, residual_cnn
 
 FINE = QuantConfig(in_bits=6, w_bits=7, a_bits=7, tlu_bits=12)
 
@@ -153,12 +153,14 @@ def test_a_stage_with_per_channel_lookups_splits_into_shard_functions():
     cfg = QuantConfig(in_bits=4, w_bits=5, a_bits=4, tlu_bits=6, rounding="exact", search=False)
     compiled = build(g, x, cfg, max_shards=2)
     row = compiled.plan.stages[0]
-    assert np.ndim(compiled.qgraph.node(compiled.stages[0].output.name).attrs["in_scale"]) == 1
+    assert np.ndim(compiled.stages[0].body[-1].attrs["in_scale"]) == 1  # the lookup ending the body
     assert row.functions == ("stage0_0", "stage0_1") and not row.shardable and row.shards == 2
+    # the output Gemm folded into the shards: each returns its partial output, which add up
+    assert len(compiled.stages) == 1 and row.partial
     xq = compiled.qgraph.quantize_input(x)
     out = stage_outputs(compiled.qgraph, compiled.stages, compiled.plan, xq)
-    assert [o.shape for o in out["stage0"]] == [(60, 8), (60, 8)]
-    assert np.array_equal(out[compiled.stages[-1].name][0], compiled.qgraph.forward_int(xq))
+    assert [o.shape for o in out["stage0"]] == [(60, 10), (60, 10)]
+    assert np.array_equal(out["stage0"][0] + out["stage0"][1], compiled.qgraph.forward_int(xq))
     # the simulated backend program, shard function by shard function (no fused function)
     module = lower(compiled, x, p_error=1e-6, simulation=True, fused=False)
     assert compiled.plan.stages[0].functions == ("stage0_0", "stage0_1"), compiled.notes  # no fallback
@@ -285,3 +287,46 @@ def test_search_with_no_passing_rung_keeps_the_best_it_tried():
                          max_mix_disagreement=-1.0)
     q, rung = search_quantize(c, x, impossible, labels)
     assert rung in impossible.ladder() and "wanted <= -100.0 %" in q.notes[-1]
+
+
+def test_a_lookup_free_output_stage_folds_into_the_split_stage_before_it():
+    """Pooling, flatten and the final Gemm are one affine map of the last ReLU's output: split
+    over 2 or 4 workers, each shard of that ReLU's stage returns its rows of it (the constant in
+    shard 0), and the parts add up to the clear program's output exactly."""
+    rng = np.random.default_rng(4)
+    g = pooled_cnn(rng)
+    x = rng.random((40, 1, 8, 8))
+    q = quantize(canonicalise(g), x)
+    xq = q.quantize_input(x)
+    unfolded = partition(q)
+    assert unfolded[-1].lookups == 0 and [n.op for n in unfolded[-1].nodes] == ["sumpool", "reshape", "linear"]
+    for shards in (2, 4):
+        stages, plan = plan_stages(q, shards)
+        assert len(stages) == len(unfolded) - 1 and stages[-1].tail == 3
+        last = plan.stages[-1]
+        assert last.partial and last.shards == shards and len(last.functions) == shards
+        parts = stage_outputs(q, stages, plan, xq)[stages[-1].name]
+        assert len(parts) == shards
+        assert np.array_equal(np.sum(parts, axis=0), q.forward_int(xq).reshape(len(x), -1))
+    # one process: nothing to fold, the program is as partitioned
+    stages, plan = plan_stages(q, 1)
+    assert len(stages) == len(unfolded) and not plan.stages[-1].partial
+    # the map is exact: sum over each channel's 64 positions, then the Gemm's column
+    a, c = affine_map(unfolded[-2].output, unfolded[-1].nodes)
+    gemm = unfolded[-1].nodes[-1]
+    assert a.shape == (8 * 64, 10) and np.array_equal(a[::64], np.asarray(gemm.attrs["weight"]))
+
+
+def test_output_stages_that_are_not_affine_or_read_more_stay_apart():
+    rng = np.random.default_rng(5)
+    # an output activation: the last stage ends at a lookup, nothing to fold or split
+    g = mlp(rng, dict(fn="relu"))
+    g = Graph([*g.nodes, Node("out", "act", ("fc2",), dict(fn="tanh"))], "out", (64,), "mlp_tanh_out")
+    x = rng.random((40, 64))
+    q = quantize(canonicalise(g), x, FINE)
+    stages, plan = plan_stages(q, 2)
+    assert [st.tail for st in stages] == [0, 0] and not plan.stages[-1].partial and plan.stages[-1].shards == 1
+    # a residual CNN whose output stage reads a max-pooling stage (not split): no fold
+    q = quantize(canonicalise(residual_cnn(rng)), rng.random((40, 1, 8, 8)))
+    stages, plan = plan_stages(q, 2)
+    assert len(stages) == len(partition(q)) and not plan.stages[-1].partial

@@ -35,4 +35,4 @@ def test_bench_workers_plot_and_scale_model(tmp_path, digits_artifact):
     model = json.loads(m.stdout)
     assert [c["workers"] for c in model["check"]] == [2]  # the sharded rows (one worker runs whole)
     assert all(p["resharded_s"] <= p["as_compiled_s"] + 1e-9 for p in model["predicted"])
-    assert set(model["useful_workers_per_stage"]) == {"stage0", "stage1"}
+    assert set(model["useful_workers_per_stage"]) == {"stage0"}  # the output layer folded into its shards

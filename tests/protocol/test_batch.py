@@ -9,8 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gravel.errors import BlobFormatError
-from gravel.protocol import Kind, frame, is_batch, pack_batch, unframe, unpack_batch
-from gravel.protocol.batch import BATCH_MAGIC, MAX_BATCH
+from gravel.protocol import Kind, frame, is_batch, pack_batch, pack_parts, unframe, unpack_batch, unpack_parts
+from gravel.protocol.batch import BATCH_MAGIC, MAX_BATCH, PARTS_MAGIC
 
 DIGEST = bytes(range(32))
 
@@ -82,3 +82,23 @@ def test_hostile_bytes_get_a_format_error_or_round_trip(tail):
     except BlobFormatError:
         return
     assert pack_batch(items) == body
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.binary(min_size=1, max_size=64), min_size=1, max_size=8))
+def test_output_parts_round_trip(parts):
+    """One part is the backend value itself (what every one-output program returns); several
+    are a GRVP container that the client splits before decrypting each."""
+    payload = pack_parts(parts)
+    assert (payload == parts[0]) if len(parts) == 1 else payload.startswith(PARTS_MAGIC)
+    assert unpack_parts(payload) == parts
+
+
+def test_damaged_output_parts_are_named():
+    payload = pack_parts([b"abc", b"defg"])
+    with pytest.raises(BlobFormatError, match="output ciphertext: item 1 of 2 is truncated"):
+        unpack_parts(payload[:-1])
+    with pytest.raises(BlobFormatError, match="stray bytes"):
+        unpack_parts(payload + b"x")
+    with pytest.raises(BlobFormatError, match="truncated parts header"):
+        unpack_parts(PARTS_MAGIC + b"\0")

@@ -28,10 +28,41 @@ def test_encrypt_run_decrypt(client_keys, server, digits, digits_artifact):
     # the sharded plan's stage chain (what Ray workers run), here one shard after another
     server_keys = server.load_evaluation_keys(ek)
     chain, trace = server.run(server_keys, server.load_input(ct), whole=False)
-    assert [t.stage for t in trace] == ["stage0", "stage1"] and trace[0].shards == 4
-    # (fused and chain agree exactly on the exactly-rounded service artifact: the fused test below;
-    # this one's approximate rounding at p_error 0.01 may move a near tie)
+    # the output layer folded into the hidden layer's 4 shards: one stage, 4 partial outputs
+    assert [t.stage for t in trace] == ["stage0"] and trace[0].shards == 4 and len(chain) == 4
+    # (fused and chain agree exactly on exactly-rounded artifacts: the tests below; this one's
+    # approximate rounding at p_error 0.01 may move a near tie)
     assert client.decrypt(keys, server.frame_output(chain)).shape == (10,)
+
+
+def test_partial_outputs_of_a_folded_output_layer_add_up_to_the_clear_output(tmp_path, digits, digits_checkpoint):
+    """A plan for 2 workers folds the output Gemm into the hidden layer's two shards: each
+    returns its part, the client adds them, and the sum is exactly the clear program's output,
+    as is the fused function's single output."""
+    from gravel.client import ClientModel
+    from gravel.compiler import QuantConfig, compile_model
+    from gravel.harness.common import calib_images
+
+    art = tmp_path / "folded.gravel"
+    manifest = compile_model(digits_checkpoint, calib_images(digits, 200), art,
+                             QuantConfig(rounding="exact", search=False), p_error=1e-5, max_shards=2)
+    assert [row["shards"] for row in manifest.plan] == [2] and manifest.plan[-1]["partial"]
+    assert manifest.output_functions(2) == ["stage0_0", "stage0_1"] and manifest.output_functions(1) == ["fused"]
+    client = ClientModel.load(art)
+    keys = client.keygen()
+    server = ServerModel.load(art)
+    ek = server.load_evaluation_keys(keys.evaluation_keys())
+    graph = load_graph(manifest)
+    x = digits.x_test[:3]
+    clear = graph.dequantize_output(graph.forward_int(graph.quantize_input(x)))
+    for image, expected in zip(x, clear):
+        value = server.load_input(client.encrypt(keys, image))
+        parts, _ = server.run(ek, value, whole=False)
+        fused, _ = server.run(ek, value)
+        np.testing.assert_allclose(client.decrypt(keys, server.frame_output(parts)), expected)
+        np.testing.assert_allclose(client.decrypt(keys, server.frame_output(fused)), expected)
+    with pytest.raises(KeyMismatchError, match="has 3 parts; this model's outputs have 1 or 2"):
+        client.decrypt(keys, server.frame_output([parts[0], parts[1], parts[0]]))
 
 
 def test_several_images_agree_with_clear_model(client_keys, server, digits, digits_artifact):

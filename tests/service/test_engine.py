@@ -1,5 +1,5 @@
-"""The local engine on its own (real encryption): cancellation between stages, and its key
-cache bounded by bytes.
+"""The local engine on its own (real encryption): cancellation between backend calls, and its
+key cache bounded by bytes.
 
 The engine runs in a child process, as it does in the server, which keeps the backend's server
 runtime out of the pytest process: with it run in-process here, 2 of 4 full runs of this
@@ -29,14 +29,15 @@ ServerModel.run = lambda self, *a, **k: _run(self, *a, whole=False, **k)
 artifact, keys_file, ct_file = map(Path, sys.argv[1:4])
 evaluation, ct = keys_file.read_bytes(), ct_file.read_bytes()
 engine = LocalEngine()
-stages, report = [], {}
+stages, asked, report = [], [], {}
 try:
     engine.infer("digits", artifact, "s", lambda: evaluation, ct, lambda d, t: stages.append((d, t)),
-                 should_stop=lambda: len(stages) >= 1)
+                 should_stop=lambda: asked.append(1) or len(asked) > 2)
     report["cancelled"] = None
 except InferenceCancelled as exc:
     report["cancelled"] = str(exc)
 report["stages_before_stop"] = list(stages)
+report["stop_asked"] = len(asked)
 full = []
 out = engine.infer("digits", artifact, "s", lambda: evaluation, ct, lambda d, t: full.append(d),
                    should_stop=lambda: False)
@@ -47,7 +48,7 @@ print(json.dumps(report))
 """
 
 
-def test_cancellation_stops_between_stages(client_keys, digits, digits_artifact, tmp_path):
+def test_cancellation_stops_between_backend_calls(client_keys, digits, digits_artifact, tmp_path):
     client, keys = client_keys
     (tmp_path / "keys").write_bytes(keys.evaluation_keys())
     (tmp_path / "ct").write_bytes(client.encrypt(keys, digits.x_test[0]))
@@ -55,11 +56,13 @@ def test_cancellation_stops_between_stages(client_keys, digits, digits_artifact,
                             str(tmp_path / "ct")], capture_output=True, text=True, timeout=300, check=False)
     assert child.returncode == 0, child.stderr[-3000:]
     report = json.loads(child.stdout.strip().splitlines()[-1])
-    # One stage of several ran, then the engine stopped before the next stage's first shard.
-    assert report["cancelled"] is not None and "cancelled at stage1" in report["cancelled"]
-    assert len(report["stages_before_stop"]) == 1 and report["stages_before_stop"][0][1] > 1
+    # The digits plan is one stage of 4 shards (the output layer folded in): asked before each
+    # backend call (once before the inference, then before each shard), the engine stopped
+    # before the second shard, and no stage completed.
+    assert report["cancelled"] is not None and "cancelled at stage0 shard 1" in report["cancelled"]
+    assert report["stop_asked"] == 3 and report["stages_before_stop"] == []
     # Nothing is left broken: the same engine and session then run the whole inference.
-    assert report["full_run"] == list(range(1, report["stages_before_stop"][0][1] + 1))
+    assert report["full_run"] == [1]
     assert client.decrypt(keys, (tmp_path / "ct.out").read_bytes()).shape == (10,)
     assert report["cached_sessions"] == 1  # the keys were loaded once, for both calls
 

@@ -9,7 +9,7 @@ import numpy as np
 
 from gravel.client.atomic import write_atomic
 from gravel.errors import BlobFormatError, KeyMismatchError
-from gravel.protocol import Kind, Manifest, frame, load_manifest, unframe
+from gravel.protocol import Kind, Manifest, frame, load_manifest, unframe, unpack_parts
 from gravel.protocol.manifest import shard_function
 from gravel.protocol.quantization import InputQuantizer
 
@@ -61,7 +61,6 @@ class ClientModel:
         self.quantizer = InputQuantizer.from_json(manifest.input)
         self.input_shape = self.quantizer.shape
         self.first = manifest.input_function
-        self.last = manifest.output_function
         # the input function's clear arguments (a shard's weights), which the client does not send
         row = next(r for r in manifest.plan if shard_function(r, 0) == self.first)
         self._clear_placeholders = (None, None) if row.get("shardable") else ()
@@ -92,18 +91,21 @@ class ClientModel:
         return frame(Kind.INPUT_CIPHERTEXT, self.digest, value.serialize())
 
     def decrypt(self, keys: SecretKeys, ciphertext: bytes) -> np.ndarray:
-        """Decrypt an output ciphertext to dequantized class scores (logits)."""
+        """Decrypt an output ciphertext to dequantized class scores (logits). An output in
+        several parts (a last stage split into partial outputs) is the sum of its parts."""
         from concrete import fhe
 
         self._check(keys)
         payload = unframe(ciphertext, Kind.OUTPUT_CIPHERTEXT, self.digest, "output ciphertext")
+        parts = unpack_parts(payload)
+        functions = self.manifest.output_functions(len(parts))
         try:
-            value = fhe.Value.deserialize(payload)
             self._client.keys = keys._keys
-            acc = np.asarray(self._client.decrypt(value, function_name=self.last))
+            acc = sum(np.asarray(self._client.decrypt(fhe.Value.deserialize(part), function_name=name), dtype=np.int64)
+                      for part, name in zip(parts, functions))
         except Exception as exc:  # noqa: BLE001 - backend errors become one clear message
             raise BlobFormatError(f"output ciphertext cannot be decrypted: corrupt or truncated ({exc})") from exc
-        return acc * self.out_scale + self.out_offset
+        return np.asarray(acc).reshape(-1) * self.out_scale + self.out_offset
 
     def predict(self, keys: SecretKeys, ciphertext: bytes) -> int:
         return int(np.argmax(self.decrypt(keys, ciphertext)))

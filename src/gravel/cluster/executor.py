@@ -26,7 +26,7 @@ from typing import Any, Callable
 from gravel.cluster.connect import connect
 from gravel.cluster.trace import InferenceTrace, ShardRecord
 from gravel.errors import ClusterError, InferenceCancelled, KeyMismatchError
-from gravel.protocol import Kind, frame, load_manifest, unframe
+from gravel.protocol import Kind, frame, load_manifest, pack_parts, unframe
 from gravel.protocol.manifest import CLIENT_FILES, INPUT, MANIFEST, SERVER_FILES, stage_arguments
 from gravel.server.runner import parse_blob
 
@@ -318,7 +318,7 @@ class RayExecutor:
                 done += 1
                 if progress is not None:
                     progress(done, len(plan))
-        return ray.get(outputs[plan[-1]["name"]][0])
+        return pack_parts(ray.get(outputs[plan[-1]["name"]]))
 
     def _infer_by_stage(self, session, keys_box, payload_ref, trace, progress, stop) -> bytes:
         """Stage by stage with a gather between stages: slower than dataflow, but each failed
@@ -333,7 +333,7 @@ class RayExecutor:
             outputs[row["name"]] = self._run_stage(session, keys_box, stage_index, row, parts, trace, stop)
             if progress is not None:
                 progress(stage_index + 1, len(self.manifest.plan))
-        return ray.get(outputs[self.manifest.plan[-1]["name"]][0])
+        return pack_parts(ray.get(outputs[self.manifest.plan[-1]["name"]]))
 
     def _drop(self, submitted: list[tuple[int, Any]]) -> None:
         """Cancel shards still queued ((worker, data ref) pairs) and free their workers; a shard

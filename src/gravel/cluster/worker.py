@@ -80,7 +80,7 @@ class ShardWorker:
         values = [fhe.Value.deserialize(p) for p in parts]
         t0 = time.perf_counter()
         if stage < 0:  # the whole network in one backend call (the artifact's fused function)
-            out = self.model.run(keys, values[0])[0].serialize()
+            out = self.model.output_payload(self.model.run(keys, values[0])[0])
         else:
             out = self.model.run_shard(stage, shard, values, keys).serialize()
         compute = time.perf_counter() - t0

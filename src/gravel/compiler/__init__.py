@@ -10,7 +10,7 @@ from __future__ import annotations
 from gravel.compiler.artifact import load_graph, load_program
 from gravel.compiler.ir import Graph, Node, evaluate
 from gravel.compiler.pipeline import Compiled, Finetune, build, compile_graph, import_model, lower
-from gravel.compiler.plan import DEFAULT_MAX_SHARDS, ShardPlan, make_plan, partition
+from gravel.compiler.plan import DEFAULT_MAX_SHARDS, ShardPlan, make_plan, partition, plan_stages
 from gravel.compiler.program import DEFAULT_P_ERROR, compile_program
 from gravel.compiler.qgraph import QGraph
 from gravel.compiler.quantize import QuantConfig, quantize
@@ -35,6 +35,7 @@ __all__ = [
     "lower",
     "make_plan",
     "partition",
+    "plan_stages",
     "quantize",
 ]
 

@@ -115,7 +115,7 @@ def write_artifact(
                 "scale": [float(v) for v in graph.output_scale],
                 "offset": [float(v) for v in graph.output_offset],
             },
-            "io": {"input_function": first, "output_function": stages[-1].name},
+            "io": _io(plan, first),
             "program": program,
             "stages": [
                 {"name": s.name, "nodes": [n.name for n in s.nodes], "inputs": list(s.inputs), "reads": list(s.reads),
@@ -132,12 +132,25 @@ def write_artifact(
         }
         if fused_compatible(module, plan):
             manifest["fused"] = {"function": FUSED}
+        elif plan.stages[-1].partial:  # no single output to decrypt
+            manifest["io"].pop("output_function")
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
         publish_directory(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return load_manifest(out, role="all")
+
+
+def _io(plan: ShardPlan, first: str) -> dict[str, Any]:
+    """Which functions the client encrypts for and decrypts from (see
+    Manifest.output_functions): a last stage split into partial outputs returns one part per
+    shard; one process returns the fused function's single output."""
+    last = plan.stages[-1]
+    if not last.partial:
+        return {"input_function": first, "output_function": last.name}
+    return {"input_function": first, "output_function": FUSED,
+            "output_parts": [last.function(j) for j in range(last.shards)]}
 
 
 def _hi(iq: dict[str, Any]) -> float:

@@ -14,7 +14,7 @@ import numpy as np
 from gravel.compiler.artifact import write_artifact
 from gravel.compiler.ir import Graph
 from gravel.compiler.passes import Pass, canonicalise, run_passes
-from gravel.compiler.plan import DEFAULT_MAX_SHARDS, ShardPlan, Stage, make_plan, partition
+from gravel.compiler.plan import DEFAULT_MAX_SHARDS, ShardPlan, Stage, plan_stages
 from gravel.compiler.program import DEFAULT_P_ERROR, compile_program, input_compatible
 from gravel.compiler.qgraph import QGraph
 from gravel.compiler.quantize import MAX_INTEGER_BITS, QuantConfig, conform_batch, quantize
@@ -105,8 +105,7 @@ def build(model: Any, calib_x: np.ndarray, config: QuantConfig = QuantConfig(),
         return g
 
     def _partition(g: Graph) -> Graph:
-        state["stages"] = partition(state["q"])
-        state["plan"] = make_plan(state["stages"], max_shards)
+        state["stages"], state["plan"] = plan_stages(state["q"], max_shards)
         return g
 
     passes = [Pass("quantize", _quantize)]
@@ -254,7 +253,7 @@ def lower(compiled: Compiled, calib_x: np.ndarray, p_error: float = DEFAULT_P_ER
             # Per-shard functions are a second way to split a stage; where concrete cannot
             # give them one encoding (or compile them), those stages run whole instead.
             widest = max(row.shards for row in compiled.plan.stages)
-            compiled.plan = make_plan(compiled.stages, widest, per_channel=False)
+            compiled.stages, compiled.plan = plan_stages(compiled.qgraph, widest, per_channel=False)
             compiled.qgraph.notes.append(
                 f"stages {', '.join(per_shard)} (per-channel lookups) run as one shard each: "
                 f"splitting them failed ({str(exc).splitlines()[0][:200]})")

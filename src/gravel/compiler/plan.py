@@ -9,42 +9,70 @@ channel, the shards are one compiled function that takes the slice's weights and
 arguments; where it differs per channel (per-channel scales), each shard is a function of its
 own with its slice's constants compiled in. Any other stage is one shard. Shards of a stage have equal sizes (a divisor of its
 channel count), so their costs are equal by construction.
+
+A lookup-free output stage (the final Gemm, say, after global pooling) would cost a backend
+call of its own after a gather, although it is an affine map of the stage it reads: when that
+stage is split, the output stage folds into it (`fold_output`). Each shard then ends with its
+rows of that map, A[rows of its channels] and the bias once, and returns a partial output;
+the client adds the parts after decryption (exact: they are integers). One backend call and
+one gather fewer per inference.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
-from gravel.compiler.qgraph import QGraph, QNode
+from gravel.compiler.qgraph import NumpyBackend, QGraph, QNode, run_node
 from gravel.protocol.manifest import shard_columns, shard_function
 
-__all__ = ["DEFAULT_MAX_SHARDS", "ShardPlan", "Stage", "StagePlan", "make_plan", "partition", "shard_weights"]
+__all__ = ["DEFAULT_MAX_SHARDS", "ShardPlan", "Stage", "StagePlan", "fold_output", "make_plan", "partition",
+           "plan_stages", "shard_weights"]
 
 # One shard per stage: what one process runs fastest (the artifact's fused function, one backend
 # call). Compile with as many shards as the workers that will share one inference.
 DEFAULT_MAX_SHARDS = 1
 INPUT = "input"
 _MOVES = ("reshape", "transpose", "pad", "sumpool")
+# the affine tail of a folded output stage is found by evaluating it on a basis: inputs larger
+# than this many elements (a matrix of this size squared) are not folded
+MAX_FOLD_INPUTS = 8192
 
 
 @dataclass
 class Stage:
-    """One function of the program: `nodes` in order, the last producing the stage's output."""
+    """One function of the program: `nodes` in order, the last producing the stage's output.
+
+    `tail` counts trailing nodes folded in from a lookup-free output stage (`fold_output`): the
+    stage's `body` ends at its lookup, and a shard of it returns its part of the tail's output."""
 
     name: str
     nodes: list[QNode]
     inputs: list[str]  # stage names (or "input") whose outputs this stage reads, in argument order
     reads: list[str]  # the integer node each of `inputs` stands for
+    tail: int = 0
 
     @property
     def output(self) -> QNode:
         return self.nodes[-1]
 
     @property
+    def body(self) -> list[QNode]:
+        """The nodes up to the stage's lookup (all of them, where no output stage folded in)."""
+        return self.nodes[: len(self.nodes) - self.tail]
+
+    @cached_property
+    def tail_map(self) -> tuple[np.ndarray, np.ndarray]:
+        """The folded tail as one exact integer affine map of the body's flattened output:
+        (A, c) with tail(x) = flatten(x) @ A + c, found by evaluating the tail on a basis."""
+        return affine_map(self.body[-1], self.nodes[len(self.body):])
+
+    @property
     def linear(self) -> QNode | None:
-        found = [n for n in self.nodes if n.op == "linear"]
+        found = [n for n in self.body if n.op == "linear"]
         return found[0] if len(found) == 1 else None
 
     @property
@@ -52,16 +80,17 @@ class Stage:
         """Data movement, then one Gemm/Conv, then per-channel steps ending in a lookup: the
         lookup itself, or a residual join (`add`) with a same-shaped tensor another stage made."""
         lin = self.linear
-        if lin is None or self.output.op != "lut":
+        body = self.body
+        if lin is None or body[-1].op != "lut":
             return False
         if len(lin.shape) != 1 and lin.attrs["kind"] == "gemm":
             return False
-        ops = [n.op for n in self.nodes]
+        ops = [n.op for n in body]
         k = ops.index("linear")
         if not all(op in _MOVES for op in ops[:k]):
             return False
         path = {lin.name}
-        for node in self.nodes[k + 1 :]:
+        for node in body[k + 1 :]:
             if node.op not in ("lut", "add") or node.shape != lin.shape:
                 return False
             others = [i for i in node.inputs if i not in path]
@@ -69,24 +98,24 @@ class Stage:
                 return False
             path.add(node.name)
         # the Gemm/Conv's own input path reads one tensor; joins read theirs from other stages
-        members = {n.name for n in self.nodes[: k + 1]}
-        return len({i for n in self.nodes[: k + 1] for i in n.inputs if i not in members}) == 1
+        members = {n.name for n in body[: k + 1]}
+        return len({i for n in body[: k + 1] for i in n.inputs if i not in members}) == 1
 
     @property
     def joins(self) -> bool:
         """Whether a residual join follows the Gemm/Conv (its other operand is cut per shard)."""
-        return any(n.op == "add" for n in self.nodes)
+        return any(n.op == "add" for n in self.body)
 
     @property
     def uniform(self) -> bool:
         """Whether the stage's lookup is one table for all channels (else per channel)."""
-        lut = self.output.attrs
+        lut = self.body[-1].attrs
         params = lut.get("params") or {}
         return all(np.ndim(v) == 0 for v in [lut["in_scale"], lut["in_offset"], *params.values()])
 
     @property
     def channels(self) -> int:
-        return self.output.shape[0]
+        return self.body[-1].shape[0]
 
     @property
     def lookups(self) -> int:
@@ -142,6 +171,50 @@ def partition(graph: QGraph) -> list[Stage]:
     return stages
 
 
+def affine_map(source: QNode, tail: list[QNode]) -> tuple[np.ndarray, np.ndarray]:
+    """(A, c) such that evaluating `tail` on the output x of `source` gives flatten(x) @ A + c,
+    exactly; ValueError where the tail is not affine in x (checked on random integers)."""
+    backend = NumpyBackend()
+    n = math.prod(source.shape)
+
+    def run(x: np.ndarray) -> np.ndarray:
+        values = {source.name: x.reshape((len(x),) + tuple(source.shape))}
+        for node in tail:
+            if any(i not in values for i in node.inputs):
+                raise ValueError(f"{node.where} reads a tensor from outside the folded tail")
+            values[node.name] = run_node(node, [values[i] for i in node.inputs], backend)
+        return np.asarray(values[tail[-1].name], dtype=np.int64).reshape(len(x), -1)
+
+    basis = np.concatenate([np.zeros((1, n), dtype=np.int64), np.eye(n, dtype=np.int64)])
+    out = run(basis)
+    c, a = out[0], out[1:] - out[0]
+    probe = np.random.default_rng(0).integers(-64, 64, size=(4, n), dtype=np.int64)
+    if not np.array_equal(run(probe), probe @ a + c):
+        raise ValueError("the tail is not an affine map of its input")
+    return a, c
+
+
+def fold_output(stages: list[Stage], max_shards: int) -> list[Stage]:
+    """Fold a lookup-free output stage into the stage it reads, where that stage will be split
+    into shards: each shard then returns a partial output (its rows of the output stage's affine
+    map) and the client adds the parts. Stages are returned unchanged where this does not apply:
+    the output stage has lookups, products or maxima, reads anything else, or is not affine."""
+    if len(stages) < 2 or max_shards < 2:
+        return stages
+    prev, last = stages[-2], stages[-1]
+    if (prev.tail or not prev.shardable or last.inputs != [prev.name] or last.reads != [prev.output.name]
+            or any(n.op in ("lut", "maxpool", "mul") for n in last.nodes)
+            or _largest_divisor_at_most(prev.channels, max_shards) < 2
+            or math.prod(prev.output.shape) > MAX_FOLD_INPUTS):
+        return stages
+    merged = Stage(prev.name, prev.nodes + last.nodes, prev.inputs, prev.reads, tail=len(last.nodes))
+    try:
+        merged.tail_map  # noqa: B018 - computed once here; refuses a tail that is not affine
+    except ValueError:
+        return stages
+    return stages[:-2] + [merged]
+
+
 @dataclass(frozen=True)
 class StagePlan:
     name: str
@@ -152,6 +225,7 @@ class StagePlan:
     pbs_per_shard: int
     shardable: bool  # the shards share one function that takes their weights as clear arguments
     functions: tuple[str, ...] = ()  # else, where sharded: one function per shard (protocol.shard_function)
+    partial: bool = False  # the last stage's shards return partial outputs, which the client adds
 
     def to_json(self) -> dict:
         return {
@@ -163,6 +237,7 @@ class StagePlan:
             "pbs_per_shard": self.pbs_per_shard,
             "shardable": self.shardable,
             "functions": list(self.functions),
+            "partial": self.partial,
         }
 
     def function(self, shard: int) -> str:
@@ -193,24 +268,39 @@ def _largest_divisor_at_most(n: int, cap: int) -> int:
 
 def make_plan(stages: list[Stage], max_shards: int = DEFAULT_MAX_SHARDS, per_channel: bool = True) -> ShardPlan:
     """Shards per stage, at most `max_shards`; `per_channel=False` keeps stages whose lookup
-    differs per channel in one shard (they would need a function per shard)."""
+    differs per channel in one shard (they would need a function per shard), and so stages with
+    a folded tail, whose shards each have their own rows of it."""
     rows = []
     shards_of = {INPUT: 1}
     for k, st in enumerate(stages):
         in_parts = sum(shards_of[i] for i in st.inputs)
-        # the client decrypts one output: the last stage is never split
-        if st.shardable and k < len(stages) - 1 and (per_channel or st.uniform):
+        # the client decrypts one output, or adds the partial outputs of a folded tail's shards:
+        # the last stage is split only where it has such a tail
+        own_rows = bool(st.tail)
+        last = k == len(stages) - 1
+        if st.shardable and (not last or own_rows) and (per_channel or (st.uniform and not own_rows)):
             shards = _largest_divisor_at_most(st.channels, max_shards)
         else:
             shards = 1
         size = st.channels // shards if st.nodes else 0
         # one function for all shards needs the same lookup everywhere and nothing to slice but
-        # the weights (a join's other operand is sliced per shard, inside the shard's function)
-        shared = st.shardable and st.uniform and not st.joins
+        # the weights (a join's other operand, or a folded tail, is sliced inside each shard's function)
+        shared = st.shardable and st.uniform and not st.joins and not own_rows
         own = tuple(f"{st.name}_{j}" for j in range(shards)) if shards > 1 and not shared else ()
-        rows.append(StagePlan(st.name, tuple(st.inputs), in_parts, shards, size, st.lookups // shards, shared, own))
+        rows.append(StagePlan(st.name, tuple(st.inputs), in_parts, shards, size, st.lookups // shards, shared, own,
+                              partial=own_rows and shards > 1))
         shards_of[st.name] = shards
     return ShardPlan(tuple(rows))
+
+
+def plan_stages(graph: QGraph, max_shards: int = DEFAULT_MAX_SHARDS,
+                per_channel: bool = True) -> tuple[list[Stage], ShardPlan]:
+    """Partition, fold a lookup-free output stage into a split stage before it (each shard's own
+    function, so only with `per_channel`), and plan the shards."""
+    stages = partition(graph)
+    if per_channel:
+        stages = fold_output(stages, max_shards)
+    return stages, make_plan(stages, max_shards, per_channel)
 
 
 def shard_weights(stage: Stage, shards: int, index: int) -> tuple[np.ndarray, np.ndarray]:

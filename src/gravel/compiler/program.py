@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import math
 from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
@@ -75,7 +76,7 @@ def run_stage(stage: Stage, parts: list[Any], shards_of: dict[str, int], backend
         cols = shard_slice(stage.channels, *shard)
     values = _split_parts(stage, parts, shards_of, backend)
     path: set[str] = set()  # values holding only this shard's channels
-    for node in stage.nodes:
+    for node in stage.body if cols is not None else stage.nodes:
         args = [values[i] for i in node.inputs]
         if node.op == "linear" and w is not None:
             values[node.name] = run_node(node, args, backend, w, b)
@@ -90,7 +91,20 @@ def run_stage(stage: Stage, parts: list[Any], shards_of: dict[str, int], backend
             path.add(node.name)
         else:
             values[node.name] = run_node(node, args, backend)
+    if cols is not None and stage.tail:
+        return _partial_output(stage, values[stage.body[-1].name], cols, shard[1], backend)
     return values[stage.output.name]
+
+
+def _partial_output(stage: Stage, h: Any, cols: slice, index: int, backend: Any) -> Any:
+    """One shard's part of a folded output tail: the rows of its affine map that this shard's
+    channels meet, and the constant in shard 0 only; the client adds the parts."""
+    a, c = stage.tail_map
+    inner = math.prod(stage.body[-1].shape[1:])
+    rows = np.ascontiguousarray(a[cols.start * inner : cols.stop * inner])
+    flat = h.reshape(h.shape[: backend.lead] + (-1,))
+    part = flat @ rows
+    return part + c if index == 0 else part
 
 
 def shard_outputs(stage: Stage, row: Any, parts: list[Any], shards_of: dict[str, int], backend: Any) -> list[Any]:
@@ -168,18 +182,19 @@ def inputsets(graph: QGraph, stages: list[Stage], plan: ShardPlan, calib_q: np.n
 
 def fused_compatible(module: Any, plan: ShardPlan) -> bool:
     """Whether a ciphertext encrypted for the first stage is a valid input of the fused
-    function, and its output decrypts as the last stage's: same key, shape and encoding.
-    Checked on the compiled client spec, so the client never needs to know which ran."""
+    function, and its output decrypts as the last stage's: same key, shape and encoding
+    (where the last stage returns partial outputs, the client tells the fused output by its
+    single part). Checked on the compiled client spec."""
     circuits = {c["name"]: c for c in json.loads(module.client.specs.serialize())["circuits"]}
     if FUSED not in circuits:
         return False
     first = next(r for r in plan.stages if INPUT in r.inputs)
     last = plan.stages[-1]
     fused = circuits[FUSED]
-    return (
-        fused["inputs"][0]["typeInfo"] == circuits[first.function(0)]["inputs"][0]["typeInfo"]
-        and fused["outputs"][0]["typeInfo"] == circuits[last.name]["outputs"][0]["typeInfo"]
-    )
+    same_input = fused["inputs"][0]["typeInfo"] == circuits[first.function(0)]["inputs"][0]["typeInfo"]
+    if last.partial:  # the client decrypts the fused output as the fused function's own
+        return same_input
+    return same_input and fused["outputs"][0]["typeInfo"] == circuits[last.name]["outputs"][0]["typeInfo"]
 
 
 def input_compatible(module: Any, plan: ShardPlan) -> bool:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gravel.errors import ArtifactError
+from gravel.errors import ArtifactError, BlobFormatError
 
 __all__ = [
     "BACKEND_FILES",
@@ -110,9 +110,23 @@ class Manifest:
         return self.data["io"]["input_function"]
 
     @property
-    def output_function(self) -> str:
-        """The function whose output the client decrypts."""
-        return self.data["io"]["output_function"]
+    def output_function(self) -> str | None:
+        """The function whose output the client decrypts, where the server returns one value
+        (None where the program has no such function: its outputs always come in parts)."""
+        return self.data["io"].get("output_function")
+
+    def output_functions(self, parts: int) -> list[str]:
+        """The function each part of an output ciphertext comes from. One part: the output
+        function's. Several: a program whose last stage is split returns its shards' partial
+        outputs (`io.output_parts`), which the client decrypts each as its own and adds.
+        The one rule the client's decryption and the compiler's `io` share."""
+        split = self.data["io"].get("output_parts") or []
+        if split and parts == len(split):
+            return list(split)
+        if parts == 1 and self.output_function:
+            return [self.output_function]
+        expected = " or ".join(str(n) for n in ([1] if self.output_function else []) + ([len(split)] if split else []))
+        raise BlobFormatError(f"output ciphertext has {parts} parts; this model's outputs have {expected}")
 
     def path(self, name: str) -> Path:
         return self.root / name

@@ -10,7 +10,7 @@ from typing import Callable
 import numpy as np
 
 from gravel.errors import BlobFormatError, InferenceCancelled, KeyMismatchError
-from gravel.protocol import Kind, Manifest, frame, load_manifest, unframe
+from gravel.protocol import Kind, Manifest, frame, load_manifest, pack_parts, unframe
 from gravel.protocol.manifest import INPUT, shard_columns, shard_function, stage_arguments
 
 __all__ = ["ServerModel", "StageTrace", "parse_blob"]
@@ -88,7 +88,8 @@ class ServerModel:
 
     def run(self, keys, value, progress: Callable[[int, int], None] | None = None,
             should_stop: Callable[[], bool] | None = None, whole: bool | None = None) -> tuple[object, list[StageTrace]]:
-        """One inference in this process; returns the output Value and a trace.
+        """One inference in this process; returns the output Value (or, stage by stage where
+        the last stage returns partial outputs, the list of them) and a trace.
 
         The fused function where the artifact has one (`whole=None`, the fastest here: one
         backend call), else (or with `whole=False`) stage by stage, shards one after another.
@@ -122,10 +123,16 @@ class ServerModel:
             outputs[row["name"]] = outs
             if progress is not None:
                 progress(i + 1, len(self.manifest.plan))
-        return outputs[self.manifest.plan[-1]["name"]][0], trace
+        last = outputs[self.manifest.plan[-1]["name"]]
+        return (last[0] if len(last) == 1 else last), trace
 
-    def frame_output(self, value) -> bytes:
-        return frame(Kind.OUTPUT_CIPHERTEXT, self.digest, value.serialize())
+    @staticmethod
+    def output_payload(out) -> bytes:
+        """The bytes of what `run` returned: one value, or the parts of a partial output."""
+        return pack_parts([v.serialize() for v in (out if isinstance(out, list) else [out])])
+
+    def frame_output(self, out) -> bytes:
+        return frame(Kind.OUTPUT_CIPHERTEXT, self.digest, self.output_payload(out))
 
     def run_bytes(self, evaluation_keys: bytes, ciphertext: bytes) -> tuple[bytes, list[StageTrace]]:
         keys = self.load_evaluation_keys(evaluation_keys)
