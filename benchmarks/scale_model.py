@@ -9,7 +9,9 @@ bytes moved, and the measured per-shard scheduling overhead). Model, per stage s
 
 with S_s shards of mean compute c_s, o the measured overhead per shard. For more workers than
 shards, the stage would have to be cut finer; with a fixed cost a per backend call (measured on
-the output stage, which has no lookups) and per-lookup cost b_s = (c_s - a) / n_s:
+a stage without lookups where the plan has one; otherwise, where a lookup-free output layer is
+folded into the shards before it, the intercept of a line through each stage's compute against
+its lookups per shard) and per-lookup cost b_s = (c_s - a) / n_s:
 
     stage_s(W) = a + b_s * ceil(N_s / W) + o + bytes_s / bandwidth     (re-sharded, N_s lookups)
 
@@ -17,7 +19,7 @@ Latency is the sum over stages (the critical path). Prints the check against the
 worker counts, the prediction at 16, 64 and 256 workers, and per stage how many workers it can
 use before more stop helping (the gain from one more doubling falls under 5 %).
 
-    python benchmarks/scale_model.py bench.json [--bandwidth 1e9] [--workers 16,64,256]
+    python benchmarks/scale_model.py bench.json [--bandwidth 1e9] [--workers 16,64,256] [--fixed-call-cost S]
 """
 
 from __future__ import annotations
@@ -72,6 +74,20 @@ def predict_resharded(stages, lookups, a, w, o, bw):
     return total
 
 
+def fixed_call_cost(stages, lookups) -> tuple[float, str]:
+    """The cost of a backend call that does no lookup: measured on such a stage where the plan
+    has one, else the intercept of compute against lookups per shard (within [0, least compute])."""
+    free = [s["c"] for s, n in zip(stages, lookups) if n == 0]
+    if free:
+        return min(free), "a stage without lookups"
+    x = [n / s["shards"] for s, n in zip(stages, lookups)]
+    y = [s["c"] for s in stages]
+    if len(set(x)) < 2:
+        return 0.0, "unknown (one lookup count per shard): taken as 0"
+    slope = statistics.covariance(x, y) / statistics.variance(x)
+    return min(max(0.0, statistics.mean(y) - slope * statistics.mean(x)), min(y)), "fit over the stages"
+
+
 def useful_workers(s, n, a, o, bw) -> int:
     if n == 0:
         return 1
@@ -91,6 +107,8 @@ def main(argv=None) -> int:
     ap.add_argument("bench_json")
     ap.add_argument("--bandwidth", type=float, default=1e9, help="bytes/s between workers (default 1e9)")
     ap.add_argument("--workers", default="16,64,256")
+    ap.add_argument("--fixed-call-cost", type=float,
+                    help="seconds of a backend call without lookups, where it was measured apart")
     args = ap.parse_args(argv)
     result = json.load(open(args.bench_json))
     rows, trace = result.get("scaling") or result.get("rows"), result.get("example_trace")
@@ -103,11 +121,14 @@ def main(argv=None) -> int:
     else:  # benchmarks/scaling.py: the gaps between a stage's last finish and the next stage's start
         o = trace_gap(trace)
     rows = [r for r in rows if r.get("mode", "sharded") == "sharded"]  # whole runs are one call, not the plan
-    a = min(s["c"] for s in stages)  # the output stage: a call with no lookups
     lookups = [r["pbs_per_shard"] * r["shards"] for r in result["plan"]] if "plan" in result else None
     if lookups is None:
         lookups = [0 if s is stages[-1] else s["shards"] for s in stages]
-    out = {"per_shard_overhead_ms": 1000 * o, "fixed_call_cost_s": a, "stages": stages, "check": [], "predicted": []}
+    a, source = fixed_call_cost(stages, lookups)
+    if args.fixed_call_cost is not None:
+        a, source = args.fixed_call_cost, "given"
+    out = {"per_shard_overhead_ms": 1000 * o, "fixed_call_cost_s": a, "fixed_call_cost_from": source,
+           "stages": stages, "check": [], "predicted": []}
     for r in rows:
         pred = predict_as_compiled(stages, r["workers"], o, args.bandwidth)
         out["check"].append({"workers": r["workers"], "measured_s": r["latency_s"], "predicted_s": pred,

@@ -62,10 +62,9 @@ class CkksWorker:
 
     def __init__(self, bundle: dict[str, bytes]) -> None:
         from gravel.ckks.artifact import load_server
+        from gravel.cluster.bundle import unpack_bundle
 
-        self.dir = Path(tempfile.mkdtemp(prefix="gravel-ckks-worker-"))
-        for name, data in bundle.items():
-            (self.dir / name).write_bytes(data)
+        self.dir = unpack_bundle(bundle)
         self.server = load_server(self.dir)  # verifies the files against the manifest's hashes
         # `run` checks the rotations of the input's mode
         self.contexts = _ByKeys(lambda keys: self.server.load_keys(keys, modes=()))

@@ -35,6 +35,7 @@ class ShardWorker:
     def __init__(self, bundle: dict[str, bytes], index: int, cores: list[int] | None = None) -> None:
         import ray
 
+        from gravel.cluster.bundle import unpack_bundle
         from gravel.server import ServerModel
 
         if cores:  # a "machine" of k pinned cores (benchmarks): every thread of this process
@@ -42,10 +43,8 @@ class ShardWorker:
         self.index = index
         self.cores = sorted(os.sched_getaffinity(0))
         self.node = ray.get_runtime_context().get_node_id()
-        self.dir = Path(tempfile.mkdtemp(prefix=f"gravel-worker{index}-"))
-        for name, data in bundle.items():
-            (self.dir / name).write_bytes(data)
-        self.model = ServerModel.load(self.dir)
+        self.dir = unpack_bundle(bundle)
+        self.model = ServerModel.load(self.dir)  # verifies the files against the manifest's hashes
         self.keys: OrderedDict[str, Any] = OrderedDict()
         self.key_loads = 0
         self.shards_run = 0
