@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-import tempfile
 import threading
 from collections import OrderedDict
 from collections.abc import Callable

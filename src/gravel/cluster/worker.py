@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import os
-import tempfile
 import time
 from collections import OrderedDict
-from pathlib import Path
 from typing import Any
 
 __all__ = ["ShardWorker"]

@@ -103,6 +103,7 @@ def write_artifact(
         if not input_compatible(module, plan):  # pipeline.lower falls back before this
             raise ModelError("the first stage's shard functions read the client's input in different encodings; "
                              "compile with --shards 1")
+        fused = fused_compatible(module, plan)
         manifest = {
             "format": "gravel-artifact",
             "format_version": FORMAT_VERSION,
@@ -115,7 +116,7 @@ def write_artifact(
                 "scale": [float(v) for v in graph.output_scale],
                 "offset": [float(v) for v in graph.output_offset],
             },
-            "io": _io(plan, first),
+            "io": _io(plan, first, fused),
             "program": program,
             "stages": [
                 {"name": s.name, "nodes": [n.name for n in s.nodes], "inputs": list(s.inputs), "reads": list(s.reads),
@@ -130,10 +131,8 @@ def write_artifact(
             },
             "files": files,
         }
-        if fused_compatible(module, plan):
+        if fused:
             manifest["fused"] = {"function": FUSED}
-        elif plan.stages[-1].partial:  # no single output to decrypt
-            manifest["io"].pop("output_function")
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
         publish_directory(tmp, out)
     except BaseException:
@@ -142,15 +141,15 @@ def write_artifact(
     return load_manifest(out, role="all")
 
 
-def _io(plan: ShardPlan, first: str) -> dict[str, Any]:
+def _io(plan: ShardPlan, first: str, fused: bool) -> dict[str, Any]:
     """Which functions the client encrypts for and decrypts from (see
     Manifest.output_functions): a last stage split into partial outputs returns one part per
-    shard; one process returns the fused function's single output."""
+    shard; one process returns the fused function's single output, where there is one."""
     last = plan.stages[-1]
     if not last.partial:
         return {"input_function": first, "output_function": last.name}
-    return {"input_function": first, "output_function": FUSED,
-            "output_parts": [last.function(j) for j in range(last.shards)]}
+    io = {"input_function": first, "output_parts": [last.function(j) for j in range(last.shards)]}
+    return {**io, "output_function": FUSED} if fused else io
 
 
 def _hi(iq: dict[str, Any]) -> float:
