@@ -19,6 +19,8 @@ import subprocess
 import sys
 import time
 
+from gravel.tuning import backend_env
+
 CHILD = r"""
 import sys, time, warnings; warnings.filterwarnings("ignore")
 from gravel.client import ClientModel
@@ -34,7 +36,7 @@ t = time.perf_counter(); s.run(keys, v); print(time.perf_counter() - t, flush=Tr
 
 
 def run(n: int, artifact: str, data: str) -> list[float]:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **backend_env()}  # as Ray workers get
     procs = [subprocess.Popen([sys.executable, "-c", CHILD, artifact, data], stdin=subprocess.PIPE,
                               stdout=subprocess.PIPE, text=True, env=env) for _ in range(n)]
     for p in procs:

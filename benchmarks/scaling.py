@@ -31,6 +31,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from gravel.tuning import backend_env
+
 CHILD = r"""
 import json, sys, time, warnings
 warnings.filterwarnings("ignore")
@@ -51,7 +53,7 @@ print(json.dumps({"latencies": lat, "fused": bool(s.fused)}))
 
 def single_process(artifact: Path, keys_file: Path, ct_files: list[Path], cores: list[int], warm: bool = True) -> dict:
     """Median latency of the in-process path pinned to `cores`, with as many backend threads."""
-    env = {**os.environ, "OMP_NUM_THREADS": str(len(cores))}
+    env = {**os.environ, "OMP_NUM_THREADS": str(len(cores)), **backend_env()}  # as Ray workers get
     cmd = ["taskset", "-c", ",".join(map(str, cores)), sys.executable, "-c", CHILD, str(artifact),
            "1" if warm else "0", str(keys_file), *map(str, ct_files)]
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True)
@@ -140,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         "model": manifest.name, "dataset": data.name, "samples": len(cts), "k": args.k,
         "shards": [r["shards"] for r in manifest.plan], "pbs_count": manifest.data["stats"]["pbs_count"],
         "plan": manifest.plan,
-        "eval_key_bytes": len(eval_keys),
+        "eval_key_bytes": len(eval_keys), "backend_env": backend_env(),
         "machine": {"cpus": cpus, "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
                     "time": time.strftime("%Y-%m-%d %H:%M")},
         "single_k": single_k, "single_all": single_all, "rows": rows,

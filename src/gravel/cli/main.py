@@ -45,9 +45,14 @@ def run_command(argv: list[str] | None = None) -> int:
 
 def main(argv: list[str] | None = None) -> None:
     """Console entry point. concrete-python's runtime, once used, makes the interpreter exit
-    with status 0 from its own teardown; leave with our status before that can happen."""
+    with status 0 from its own teardown; leave with our status before that can happen. Run as
+    the `gravel` command (no `argv`), it first restarts itself with huge pages (gravel.tuning)."""
     import os
 
+    if argv is None:
+        from gravel.tuning import reexec_with_huge_pages
+
+        reexec_with_huge_pages()
     code = run_command(argv)
     sys.stdout.flush()
     sys.stderr.flush()

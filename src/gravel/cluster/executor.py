@@ -29,6 +29,7 @@ from gravel.errors import ClusterError, InferenceCancelled, KeyMismatchError
 from gravel.protocol import Kind, frame, load_manifest, pack_parts, unframe
 from gravel.protocol.manifest import CLIENT_FILES, INPUT, MANIFEST, SERVER_FILES, stage_arguments
 from gravel.server.runner import parse_blob
+from gravel.tuning import backend_env
 
 __all__ = ["ClusterError", "RayExecutor", "FUSED_STAGE"]
 
@@ -98,7 +99,7 @@ class RayExecutor:
         self._bundle = ray.put({name: self.manifest.path(name).read_bytes() for name in files})
         self._actor_cls = ray.remote(num_cpus=threads_per_worker, max_restarts=0, max_task_retries=0)(
             _worker_class()
-        ).options(runtime_env={"env_vars": {"OMP_NUM_THREADS": str(threads_per_worker)}})
+        ).options(runtime_env={"env_vars": {"OMP_NUM_THREADS": str(threads_per_worker), **backend_env()}})
         self._lock = threading.Lock()
         self._workers: dict[int, Any] = {}
         self._busy: dict[int, int] = {}
