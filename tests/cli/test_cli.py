@@ -79,3 +79,20 @@ def test_compile_finetunes_the_quantized_program(tmp_path, digits):
     manifest = json.loads((tmp_path / "m.gravel" / "manifest.json").read_text())
     report = manifest["model"]["finetune"]
     assert report["samples"] == len(digits.x_train) and report["epochs"] == 2
+
+
+def test_compile_tiles_convolutional_layers_for_workers(tmp_path, digits):
+    """`gravel compile --shards 2 --tiles`: a float CNN's convolutional layers run in two row
+    tiles with a halo, one call per worker; the note says what merged and what the halo costs."""
+    import torch
+    from torch import nn
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.ReLU(), nn.Conv2d(2, 2, 3, padding=1), nn.ReLU(),
+                          nn.MaxPool2d(2), nn.Flatten(), nn.Linear(32, 10)).eval()
+    torch.onnx.export(model, (torch.zeros(1, 1, 8, 8),), str(tmp_path / "cnn.onnx"), dynamo=False)
+    out = gravel("compile", tmp_path / "cnn.onnx", "--data", "digits", "--out", tmp_path / "cnn.gravel",
+                 "--shards", "2", "--tiles", "--calib", "100").stdout
+    assert "row tiles with a halo" in out, out
+    plan = json.loads((tmp_path / "cnn.gravel" / "manifest.json").read_text())["plan"]
+    assert plan[0]["axis"] == 1 and plan[0]["shards"] == 2 and len(plan[0]["functions"]) == 2

@@ -61,3 +61,16 @@ def test_existing_artifact_not_overwritten(digits, digits_artifact, digits_check
     with pytest.raises(ArtifactError, match="already exists"):
         compile_model(digits_checkpoint, digits.x_train[:50], digits_artifact)
     assert (digits_artifact / "manifest.json").read_bytes() == before
+
+
+def test_compile_progress_is_not_compiled_into_the_program():
+    """concrete's show_progress would compile trace messages into every function: each server
+    run would print a progress bar to stdout. `gravel compile` reports its progress itself."""
+    from gravel.compiler import QuantConfig, build, lower
+    from tests.compiler.graphs import mlp
+
+    rng = np.random.default_rng(0)
+    x = rng.random((30, 64))
+    compiled = build(mlp(rng, dict(fn="relu")), x, QuantConfig(search=False))
+    module = lower(compiled, x, simulation=True, show_progress=True)
+    assert "fused" in module.mlir and "Tracing.trace_message" not in module.mlir

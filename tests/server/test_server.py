@@ -121,3 +121,30 @@ def test_fused_function_reads_and_writes_the_stage_chain_ciphertexts(service_art
         out, chain_trace = chain.run(ek, value)
         assert len(chain_trace) == len(chain.manifest.plan) > 1
         assert client.predict(keys, server.frame_output(fused)) == client.predict(keys, chain.frame_output(out)) == expected
+
+
+def test_row_tiles_with_a_halo_decrypt_to_the_clear_output(tmp_path, digits):
+    """Real encryption of a plan whose three convolutional stages run as one call per shard
+    in two row tiles (compile --tiles): the tiles' functions, run one after another as two
+    workers would, decrypt to exactly the clear program's output (simulated in test_tiles)."""
+    from gravel.client import ClientModel
+    from gravel.compiler import QuantConfig, compile_model
+    from gravel.harness.common import calib_images
+    from tests.compiler.graphs import residual_cnn
+
+    art = tmp_path / "tiled.gravel"
+    x = calib_images(digits, 100).reshape(-1, 1, 8, 8)
+    manifest = compile_model(residual_cnn(np.random.default_rng(6), c=2), x, art,
+                             QuantConfig(rounding="exact", search=False), p_error=1e-5, max_shards=2, tiles=True)
+    assert [(row["shards"], row["axis"]) for row in manifest.plan] == [(2, 1), (1, 0)]
+    client = ClientModel.load(art)
+    keys = client.keygen()
+    server = ServerModel.load(art)
+    ek = server.load_evaluation_keys(keys.evaluation_keys())
+    graph = load_graph(manifest)
+    image = digits.x_test[:1].reshape(1, 1, 8, 8)
+    expected = graph.dequantize_output(graph.forward_int(graph.quantize_input(image)))[0]
+    value = server.load_input(client.encrypt(keys, image[0]))
+    chain, trace = server.run(ek, value, whole=False)
+    assert [(t.stage, t.shards) for t in trace] == [("stage0", 2), ("stage1", 1)]
+    np.testing.assert_allclose(client.decrypt(keys, server.frame_output(chain)), expected)

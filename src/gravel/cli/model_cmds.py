@@ -54,7 +54,8 @@ def cmd_compile(args: argparse.Namespace) -> None:
     manifest = compile_model(args.model, calib_images(data, args.calib), args.out, quant_config(args),
                              calib_y=calib_labels(data, args.calib),
                              p_error=args.p_error, max_shards=args.shards or 1, name=args.name,
-                             overwrite=args.force, show_progress=not args.quiet, finetune=tune)
+                             overwrite=args.force, show_progress=not args.quiet, finetune=tune,
+                             tiles=args.tiles)
     stats = manifest.data["stats"]
     print(f"compiled {manifest.name} in {time.perf_counter() - t:.1f} s -> {args.out}")
     print(f"  {len(manifest.stages)} stages, {stats['table_lookups']} table lookups, shards per stage "
@@ -100,7 +101,7 @@ def cmd_check(args: argparse.Namespace) -> None:
               fhe_samples=args.fhe_samples, config=quant_config(args), calib=args.calib,
               p_error=args.p_error, max_shards=args.shards or 1, progress=not args.quiet,
               advice=not args.no_advice, batch=args.batch_size, finetune=args.finetune,
-              finetune_samples=args.finetune_samples)
+              finetune_samples=args.finetune_samples, tiles=args.tiles)
     if args.json:
         print(json.dumps(r))
     if not r["supported"]:
@@ -126,7 +127,8 @@ def cmd_bench(args: argparse.Namespace) -> None:
     if args.workers:
         return _bench_workers(args)
     r = bench(args.model, load_data(args), samples=args.samples, config=quant_config(args), calib=args.calib,
-              p_error=args.p_error, max_shards=args.shards or 1, progress=not args.quiet and not args.json)
+              p_error=args.p_error, max_shards=args.shards or 1, progress=not args.quiet and not args.json,
+              tiles=args.tiles)
     if args.json:
         print(json.dumps(r))
         return
@@ -159,7 +161,8 @@ def _bench_workers(args: argparse.Namespace) -> None:
         raise GravelError(f"--workers {args.workers!r}: give worker counts like 1,2,4")
     r: dict[str, Any] = bench_workers(args.model, load_data(args), sorted(workers), samples=args.samples,
                                       address=args.ray_address, config=quant_config(args), calib=args.calib,
-                                      p_error=args.p_error, max_shards=args.shards or max(workers))
+                                      p_error=args.p_error, max_shards=args.shards or max(workers),
+                                      tiles=args.tiles)
     if args.plot:
         plot_scaling(r, args.plot)
     if args.json:

@@ -35,6 +35,11 @@ def add_quant_options(p: argparse.ArgumentParser) -> None:
                    help="most shards per layer: plan one inference for that many Ray workers (default 1: "
                         "one process runs the whole network in one backend call; `bench --workers` plans "
                         "for its largest worker count)")
+    g.add_argument("--tiles", action="store_true",
+                   help="with --shards N: split runs of convolutional layers in N row tiles with a halo, "
+                        "one call per worker for the whole run and no gather inside it, instead of each "
+                        "layer by output channels with a gather after each (worth it where moving a "
+                        "layer's output between machines costs more than the halo's extra lookups)")
     g.add_argument("--calib", type=int, default=500, help="calibration images (default 500)")
 
 

@@ -120,7 +120,8 @@ def write_artifact(
             "program": program,
             "stages": [
                 {"name": s.name, "nodes": [n.name for n in s.nodes], "inputs": list(s.inputs), "reads": list(s.reads),
-                 "lookups": s.lookups, "source": ", ".join(dict.fromkeys(n.source for n in s.nodes))}
+                 "lookups": s.lookups, "source": ", ".join(dict.fromkeys(n.source for n in s.nodes)),
+                 "tail": s.tail, "tiles": s.tiles, "in_axes": [s.in_axis(k) for k in range(len(s.inputs))]}
                 for s in stages
             ],
             "plan": plan.to_json(),
@@ -174,7 +175,8 @@ def load_program(manifest: Manifest) -> tuple[QGraph, list[Stage]]:
     graph = QGraph(nodes, data["output"], tuple(inp["shape"]), inp, np.asarray(out["scale"]),
                    np.asarray(out["offset"]), notes=list(data.get("notes", [])))
     by_name = {n.name: n for n in nodes}
-    stages = [Stage(s["name"], [by_name[n] for n in s["nodes"]], list(s["inputs"]), list(s["reads"]))
+    stages = [Stage(s["name"], [by_name[n] for n in s["nodes"]], list(s["inputs"]), list(s["reads"]),
+                    tail=s.get("tail", 0), tiles=s.get("tiles", 0), in_axes=s.get("in_axes"))
               for s in manifest.stages]
     return graph, stages
 

@@ -5,6 +5,7 @@ that ran before it and (through the error itself) the node.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from gravel.compiler.passes import Pass, canonicalise, run_passes
 from gravel.compiler.plan import DEFAULT_MAX_SHARDS, ShardPlan, Stage, plan_stages
 from gravel.compiler.program import DEFAULT_P_ERROR, compile_program, input_compatible
 from gravel.compiler.qgraph import QGraph
+from gravel.compiler.tiles import tile_notes
 from gravel.compiler.quantize import MAX_INTEGER_BITS, QuantConfig, conform_batch, quantize
 from gravel.errors import ModelError
 from gravel.protocol import Manifest
@@ -78,9 +80,10 @@ class Finetune:
 
 def build(model: Any, calib_x: np.ndarray, config: QuantConfig = QuantConfig(),
           max_shards: int = DEFAULT_MAX_SHARDS, calib_y: np.ndarray | None = None,
-          finetune: Finetune | None = None) -> Compiled:
+          finetune: Finetune | None = None, tiles: bool = False) -> Compiled:
     """Import, canonicalise, quantize (calibrating on `calib_x`, labelled by `calib_y` where
-    known, which sharpens the post-training search), fine-tune where asked, partition and plan."""
+    known, which sharpens the post-training search), fine-tune where asked, partition and plan
+    (`tiles`: runs of convolutional stages as row tiles with a halo, compiler/tiles.py)."""
     source, info = import_model(model, calib_x[:1])
     graph = canonicalise(source)
     calib = conform_batch(calib_x, graph.input_shape)
@@ -105,7 +108,9 @@ def build(model: Any, calib_x: np.ndarray, config: QuantConfig = QuantConfig(),
         return g
 
     def _partition(g: Graph) -> Graph:
-        state["stages"], state["plan"] = plan_stages(state["q"], max_shards)
+        state["stages"], state["plan"] = plan_stages(state["q"], max_shards, tiles=tiles)
+        if tiles:
+            state["q"].notes.extend(tile_notes(state["stages"], max_shards))
         return g
 
     passes = [Pass("quantize", _quantize)]
@@ -236,9 +241,12 @@ def lower(compiled: Compiled, calib_x: np.ndarray, p_error: float = DEFAULT_P_ER
     calib_q = compiled.qgraph.quantize_input(conform_batch(calib_x, compiled.graph.input_shape))
 
     def compile_() -> Any:
+        if show_progress:  # concrete reports nothing while it compiles; say what the wait is
+            functions = sum(max(1, len(row.functions)) for row in compiled.plan.stages) + bool(fused)
+            print(f"lowering to concrete: {functions} functions, {len(compiled.plan.stages)} stages "
+                  f"(choosing TFHE parameters, generating code; minutes for large models)", file=sys.stderr)
         return compile_program(compiled.qgraph, compiled.stages, compiled.plan, calib_q, p_error=p_error,
-                               simulation=simulation, show_progress=show_progress, compress_keys=compress_keys,
-                               fused=fused)
+                               simulation=simulation, compress_keys=compress_keys, fused=fused)
 
     per_shard = [row.name for row in compiled.plan.stages if row.functions]
     try:
@@ -276,9 +284,12 @@ def compile_graph(
     fused: bool | None = None,
     calib_y: np.ndarray | None = None,
     finetune: Finetune | None = None,
+    tiles: bool = False,
 ) -> Manifest:
-    """All passes, then the artifact directory (written atomically: nothing half-written)."""
-    compiled = build(model, calib_x, config, max_shards, calib_y, finetune)
+    """All passes, then the artifact directory (written atomically: nothing half-written).
+    `tiles`: split runs of convolutional stages in row tiles with a halo (one call per shard
+    for the run, no gathers inside it) rather than each stage by output channels."""
+    compiled = build(model, calib_x, config, max_shards, calib_y, finetune, tiles)
     if name:
         compiled.info["name"] = name
     module = lower(compiled, calib_x, p_error, show_progress=show_progress, compress_keys=compress_keys, fused=fused)

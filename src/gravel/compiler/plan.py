@@ -16,21 +16,27 @@ stage is split, the output stage folds into it (`fold_output`). Each shard then 
 rows of that map, A[rows of its channels] and the bias once, and returns a partial output;
 the client adds the parts after decryption (exact: they are integers). One backend call and
 one gather fewer per inference.
+
+With `tiles` (compile --tiles), runs of convolutional stages merge into one stage split by rows
+instead (tiles.py): each shard computes its rows of the run's last output from the rows of the
+run's inputs they depend on, the halo computed by both neighbours; the stages that read it join
+its shards' outputs on the row axis (`Stage.in_axes`, the plan row's `axis`).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 
 import numpy as np
 
 from gravel.compiler.qgraph import NumpyBackend, QGraph, QNode, run_node
+from gravel.compiler.tiles import group_tiles, tile_lookups, tile_rows
 from gravel.protocol.manifest import shard_columns, shard_function
 
-__all__ = ["DEFAULT_MAX_SHARDS", "ShardPlan", "Stage", "StagePlan", "fold_output", "make_plan", "partition",
-           "plan_stages", "shard_weights"]
+__all__ = ["DEFAULT_MAX_SHARDS", "ShardPlan", "Stage", "StagePlan", "fold_output", "make_plan",
+           "merge_tiles", "partition", "plan_stages", "shard_weights"]
 
 # One shard per stage: what one process runs fastest (the artifact's fused function, one backend
 # call). Compile with as many shards as the workers that will share one inference.
@@ -54,6 +60,12 @@ class Stage:
     inputs: list[str]  # stage names (or "input") whose outputs this stage reads, in argument order
     reads: list[str]  # the integer node each of `inputs` stands for
     tail: int = 0
+    tiles: int = 0  # > 0: consecutive convolutional stages merged, split in row tiles (tiles.py)
+    in_axes: list[int] | None = None  # per input: the axis its shards' outputs join on (1: row tiles)
+    merged: int = 1  # stages of `partition` this one stands for
+
+    def in_axis(self, k: int) -> int:
+        return self.in_axes[k] if self.in_axes else 0
 
     @property
     def output(self) -> QNode:
@@ -81,7 +93,7 @@ class Stage:
         lookup itself, or a residual join (`add`) with a same-shaped tensor another stage made."""
         lin = self.linear
         body = self.body
-        if lin is None or body[-1].op != "lut":
+        if lin is None or body[-1].op != "lut" or self.tiles:
             return False
         if len(lin.shape) != 1 and lin.attrs["kind"] == "gemm":
             return False
@@ -207,7 +219,7 @@ def fold_output(stages: list[Stage], max_shards: int) -> list[Stage]:
             or _largest_divisor_at_most(prev.channels, max_shards) < 2
             or math.prod(prev.output.shape) > MAX_FOLD_INPUTS):
         return stages
-    merged = Stage(prev.name, prev.nodes + last.nodes, prev.inputs, prev.reads, tail=len(last.nodes))
+    merged = replace(prev, nodes=prev.nodes + last.nodes, tail=len(last.nodes))
     try:
         merged.tail_map  # noqa: B018 - computed once here; refuses a tail that is not affine
     except ValueError:
@@ -226,6 +238,7 @@ class StagePlan:
     shardable: bool  # the shards share one function that takes their weights as clear arguments
     functions: tuple[str, ...] = ()  # else, where sharded: one function per shard (protocol.shard_function)
     partial: bool = False  # the last stage's shards return partial outputs, which the client adds
+    axis: int = 0  # the axis its shards' outputs join on: 0 output channels, 1 rows (tiles)
 
     def to_json(self) -> dict:
         return {
@@ -238,6 +251,7 @@ class StagePlan:
             "shardable": self.shardable,
             "functions": list(self.functions),
             "partial": self.partial,
+            "axis": self.axis,
         }
 
     def function(self, shard: int) -> str:
@@ -278,6 +292,14 @@ def make_plan(stages: list[Stage], max_shards: int = DEFAULT_MAX_SHARDS, per_cha
         # the last stage is split only where it has such a tail
         own_rows = bool(st.tail)
         last = k == len(stages) - 1
+        if st.tiles and max_shards >= st.tiles and per_channel:  # row tiles: each its own function
+            spans = tile_rows(st.output.shape[1], st.tiles)
+            pbs = max(tile_lookups(st.nodes, st.output.name, span) for span in spans)
+            own = tuple(f"{st.name}_{j}" for j in range(st.tiles))
+            rows.append(StagePlan(st.name, tuple(st.inputs), in_parts, st.tiles, max(b - a for a, b in spans), pbs,
+                                  False, own, axis=1))
+            shards_of[st.name] = st.tiles
+            continue
         if st.shardable and (not last or own_rows) and (per_channel or (st.uniform and not own_rows)):
             shards = _largest_divisor_at_most(st.channels, max_shards)
         else:
@@ -294,13 +316,46 @@ def make_plan(stages: list[Stage], max_shards: int = DEFAULT_MAX_SHARDS, per_cha
 
 
 def plan_stages(graph: QGraph, max_shards: int = DEFAULT_MAX_SHARDS,
-                per_channel: bool = True) -> tuple[list[Stage], ShardPlan]:
-    """Partition, fold a lookup-free output stage into a split stage before it (each shard's own
-    function, so only with `per_channel`), and plan the shards."""
+                per_channel: bool = True, tiles: bool = False) -> tuple[list[Stage], ShardPlan]:
+    """Partition; with `tiles`, merge runs of convolutional stages into row-tiled stages
+    (tiles.py; each tile its own function, so only with `per_channel`); fold a lookup-free
+    output stage into a split stage before it (likewise); and plan the shards."""
     stages = partition(graph)
+    if per_channel and tiles:
+        stages = merge_tiles(stages, max_shards)
     if per_channel:
         stages = fold_output(stages, max_shards)
     return stages, make_plan(stages, max_shards, per_channel)
+
+
+def merge_tiles(stages: list[Stage], tiles: int) -> list[Stage]:
+    """Each run of `group_tiles` as one stage of `tiles` row tiles; stages renumbered, and the
+    readers of a tiled stage told to join its shards' outputs on the row axis."""
+    runs = group_tiles(stages, tiles)
+    if not runs:
+        return stages
+    merged: list[Stage] = []
+    renamed: dict[str, str] = {}
+    starts = {run[0]: run for run in runs}
+    k = 0
+    while k < len(stages):
+        run = starts.get(k, [k])
+        members = [stages[j] for j in run]
+        names = {m.name for m in members}
+        pairs = [(i, r) for m in members for i, r in zip(m.inputs, m.reads) if i not in names]
+        pairs = list(dict.fromkeys(pairs))
+        st = Stage(f"stage{len(merged)}", [n for m in members for n in m.nodes], [i for i, _ in pairs],
+                   [r for _, r in pairs], tail=members[-1].tail, tiles=tiles if len(run) > 1 else 0,
+                   merged=len(run))
+        for m in members:
+            renamed[m.name] = st.name
+        merged.append(st)
+        k = run[-1] + 1
+    tiled = {st.name for st in merged if st.tiles}
+    for st in merged:
+        st.inputs = [renamed.get(i, i) for i in st.inputs]
+        st.in_axes = [1 if i in tiled else 0 for i in st.inputs]
+    return merged
 
 
 def shard_weights(stage: Stage, shards: int, index: int) -> tuple[np.ndarray, np.ndarray]:

@@ -24,6 +24,7 @@ import numpy as np
 
 from gravel.compiler.plan import INPUT, ShardPlan, Stage, shard_weights
 from gravel.compiler.qgraph import NumpyBackend, QGraph, QNode, TraceBackend, run_node
+from gravel.compiler.tiles import run_tile, tile_rows
 from gravel.errors import ModelError
 from gravel.protocol.manifest import shard_slice, stage_arguments
 
@@ -42,9 +43,9 @@ def _split_parts(stage: Stage, parts: list[Any], shards_of: dict[str, int], back
     """The full value of each input tensor from its producer's shard outputs."""
     values: dict[str, Any] = {}
     k = 0
-    for producer, tensor in zip(stage.inputs, stage.reads):
+    for index, (producer, tensor) in enumerate(zip(stage.inputs, stage.reads)):
         n = shards_of[producer]
-        values[tensor] = backend.concat(list(parts[k : k + n]), axis=0)
+        values[tensor] = backend.concat(list(parts[k : k + n]), axis=stage.in_axis(index))
         k += n
     return values
 
@@ -70,6 +71,9 @@ def run_stage(stage: Stage, parts: list[Any], shards_of: dict[str, int], backend
     the clear reference and the FHE program alike."""
     if not stage.nodes:  # a relay passes the client's input on
         return parts[0] * 1 if backend.lead == 0 else parts[0]
+    if shard is not None and stage.tiles:  # one row tile of merged convolutional stages
+        rows = tile_rows(stage.output.shape[1], shard[0])[shard[1]]
+        return run_tile(stage.nodes, stage.output.name, _split_parts(stage, parts, shards_of, backend), rows, backend)
     cols = None
     if shard is not None:
         w, b = shard_weights(stage, *shard)
@@ -214,7 +218,6 @@ def compile_program(
     calib_q: np.ndarray,
     p_error: float = DEFAULT_P_ERROR,
     simulation: bool = False,
-    show_progress: bool = False,
     compress_keys: bool = True,
     fused: bool = False,
 ) -> Any:
@@ -223,7 +226,11 @@ def compile_program(
 
     `fused` adds one more function that runs the whole network in a single backend call. Every
     `Server.run` converts all bootstrap keys to the Fourier domain first (~0.1-0.2 s), so one
-    process evaluating a one-shard-per-stage plan saves that cost once per stage but one."""
+    process evaluating a one-shard-per-stage plan saves that cost once per stage but one.
+
+    concrete's `show_progress` stays off: it does not show the compilation's progress but
+    compiles trace messages into the program, so every server run would print a progress bar
+    to stdout (up to 51 messages per backend call, on every worker)."""
     from concrete import fhe
 
     shards_of = {INPUT: 1} | {row.name: row.shards for row in plan.stages}
@@ -256,7 +263,7 @@ def compile_program(
         p_error=p_error,
         fhe_simulation=simulation,
         fhe_execution=not simulation,
-        show_progress=show_progress,
+        show_progress=False,
     )
     try:
         sets = inputsets(graph, stages, plan, calib_q)

@@ -176,7 +176,7 @@ def check(
         tune = compile_kwargs["finetune"] = Finetune.of(data, finetune, finetune_samples, progress)
     try:
         compiled = build(model, calib_x, config, compile_kwargs.get("max_shards") or 1, calib_labels(data, calib),
-                         tune)
+                         tune, compile_kwargs.get("tiles", False))
     except ModelError as exc:
         return {"supported": False, "problems": str(exc).splitlines()}
     x, y = data.x_test[:samples], data.y_test[:samples]
