@@ -23,7 +23,8 @@ weights/activations 784-128-64-10 net through `compile_brevitas_qat_model`) and 
 Concrete ML settings are used (accumulator rounding, client-side normalisation) and why. By
 default Concrete ML gets Gravel's per-lookup error probability (p_error 0.01) rather than its
 own far stricter 2**-40, which made it 3-6x slower in a check here (`--cml-p-error concrete`).
-Latency is the median over images of the server-side evaluation of one encrypted image
+Both sides run with the same glibc tunables (huge pages, `gravel/tuning.py`; the script restarts
+itself with them and the Concrete ML child inherits them). Latency is the median over images of the server-side evaluation of one encrypted image
 (Gravel's `ServerModel.run`, Concrete's `Circuit.run`), one image per call; key generation,
 encryption and decryption are timed apart.
 
@@ -205,6 +206,9 @@ def summarise(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
 
 
 def main() -> None:
+    from gravel.tuning import reexec_with_huge_pages
+
+    reexec_with_huge_pages()  # both sides alike: Gravel in this process, Concrete ML in a child
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--samples", type=int, default=100, help="encrypted test images per path")
     ap.add_argument("--paths", default=",".join(PATHS), help=f"comma-separated subset of {PATHS}")
@@ -295,6 +299,7 @@ def main() -> None:
         "cml_install_s": None if install_s is None else round(install_s, 1),
         "wall_s": round(time.perf_counter() - t_start, 1),
         "cpus": os.cpu_count(),
+        "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
         "load_avg_start": load_start,
         "load_avg_end": _load(),
     }

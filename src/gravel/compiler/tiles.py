@@ -209,5 +209,6 @@ def tile_notes(stages: list[Any], tiles: int) -> list[str]:
             extra = sum(tile_lookups(st.nodes, st.output.name, span) for span in spans) / max(1, st.lookups) - 1
             notes.append(f"{st.name} ({', '.join(dict.fromkeys(n.source for n in st.nodes if n.lookups))}) runs "
                          f"in {st.tiles} row tiles with a halo: {st.merged} stages in one call per shard, "
-                         f"{st.merged - 1} gathers fewer, {100 * extra:.0f} % more lookups for the halo")
+                         f"{st.merged - 1} fewer gather{'s' if st.merged > 2 else ''}, {100 * extra:.0f} % more lookups "
+                         f"for the halo")
     return notes
