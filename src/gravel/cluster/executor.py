@@ -7,8 +7,7 @@ Fourier domain per call). More workers run each stage's shards side by side. Man
 at once (`infer_many`) run data-parallel, whole inferences on different workers, when there
 are at least as many as workers: no shard outputs move and no stage waits for another worker.
 
-One actor per worker slot (one CPU each, one OpenMP thread each, so W workers use W cores);
-each runs the backend in a child process of its own (cluster/compute.py), off Ray's threads.
+One actor per worker slot (one CPU each, one OpenMP thread each, so W workers use W cores).
 Evaluation keys go into Ray's object store once per session and are deserialized once per
 worker. Shard outputs stay in the object store and flow from worker to worker; the driver only
 moves references and small trace records. Each request picks the least-busy live workers, so
@@ -100,8 +99,7 @@ class RayExecutor:
         self._bundle = ray.put({name: self.manifest.path(name).read_bytes() for name in files})
         self._actor_cls = ray.remote(num_cpus=threads_per_worker, max_restarts=0, max_task_retries=0)(
             _worker_class()
-        ).options(runtime_env={"env_vars": {"OMP_NUM_THREADS": str(threads_per_worker), **backend_env(),
-                                             **_passed_on("GRAVEL_WORKER_CHILD")}})
+        ).options(runtime_env={"env_vars": {"OMP_NUM_THREADS": str(threads_per_worker), **backend_env()}})
         self._lock = threading.Lock()
         self._workers: dict[int, Any] = {}
         self._busy: dict[int, int] = {}
@@ -466,11 +464,6 @@ class RayExecutor:
         for actor in self._workers.values():
             ray.kill(actor, no_restart=True)
         self._workers.clear()
-
-
-def _passed_on(*names: str) -> dict[str, str]:
-    """This driver's settings of `names` that workers started for it should see too."""
-    return {n: os.environ[n] for n in names if n in os.environ}
 
 
 def _worker_class():
