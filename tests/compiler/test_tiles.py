@@ -8,7 +8,7 @@ import pytest
 
 from gravel.compiler import quantize
 from gravel.compiler.passes import canonicalise
-from gravel.compiler.plan import merge_tiles, partition, plan_stages
+from gravel.compiler.plan import fold_output, make_plan, merge_tiles, partition, plan_stages
 from gravel.compiler.program import stage_outputs
 from gravel.compiler.tiles import group_tiles, input_window, run_tile, tile_lookups, tile_rows, windows
 from gravel.compiler.qgraph import NumpyBackend
@@ -36,7 +36,8 @@ def test_every_operator_on_row_windows_equals_the_whole_tensor(tiled, tiles):
     """Each tiled stage's tiles, joined on the row axis, are exactly its unsplit output, for
     every operator of tiled_cnn, with the merged stages' shards read by the next stage."""
     q, xq = tiled
-    stages, plan = plan_stages(q, tiles, tiles=True)
+    stages = fold_output(merge_tiles(partition(q), tiles, max_overhead=10.0), tiles)  # uneven tiles too
+    plan = make_plan(stages, tiles)
     assert any(st.tiles for st in stages)
     outputs = stage_outputs(q, stages, plan, xq)
     whole = q.forward_int(xq, keep=True)
@@ -135,3 +136,15 @@ def test_the_simulated_program_runs_tile_functions_to_the_clear_prediction():
     module = lower(compiled, x, p_error=1e-6, simulation=True, fused=False)
     assert compiled.plan.stages[0].functions == ("stage0_0", "stage0_1"), compiled.qgraph.notes  # no fallback
     assert np.array_equal(simulate(module, compiled, x[:8]), compiled.qgraph.predict(x[:8]))
+
+
+def test_uneven_tiles_count_against_the_halo_limit():
+    """Latency follows the slowest tile: 8 rows in 3 tiles (3, 2, 3) cost at least 3 * 3 / 8 - 1
+    over an even share, before any halo."""
+    from gravel.compiler.tiles import _overhead
+
+    rng = np.random.default_rng(3)
+    q = quantize(canonicalise(residual_cnn(rng)), rng.random((30, 1, 8, 8)))
+    stages = partition(q)
+    assert _overhead(stages, [1, 2], 2) == 0.0  # even tiles, the pooling's own input read whole
+    assert _overhead(stages, [1, 2], 3) >= 3 * 3 / 8 - 1

@@ -32,7 +32,7 @@ from functools import cached_property
 import numpy as np
 
 from gravel.compiler.qgraph import NumpyBackend, QGraph, QNode, run_node
-from gravel.compiler.tiles import group_tiles, tile_lookups, tile_rows
+from gravel.compiler.tiles import MAX_HALO_OVERHEAD, group_tiles, tile_lookups, tile_rows
 from gravel.protocol.manifest import shard_columns, shard_function
 
 __all__ = ["DEFAULT_MAX_SHARDS", "ShardPlan", "Stage", "StagePlan", "fold_output", "make_plan",
@@ -328,10 +328,10 @@ def plan_stages(graph: QGraph, max_shards: int = DEFAULT_MAX_SHARDS,
     return stages, make_plan(stages, max_shards, per_channel)
 
 
-def merge_tiles(stages: list[Stage], tiles: int) -> list[Stage]:
+def merge_tiles(stages: list[Stage], tiles: int, max_overhead: float = MAX_HALO_OVERHEAD) -> list[Stage]:
     """Each run of `group_tiles` as one stage of `tiles` row tiles; stages renumbered, and the
     readers of a tiled stage told to join its shards' outputs on the row axis."""
-    runs = group_tiles(stages, tiles)
+    runs = group_tiles(stages, tiles, max_overhead)
     if not runs:
         return stages
     merged: list[Stage] = []

@@ -25,7 +25,7 @@ from gravel.compiler.qgraph import QNode, run_node
 
 __all__ = ["MAX_HALO_OVERHEAD", "group_tiles", "tile_notes", "run_tile", "tile_lookups", "tile_rows", "tileable"]
 
-# at most this fraction of a merged stage's lookups may be halo rows computed twice
+# the slowest tile of a merged stage may cost at most this much more than an even share
 MAX_HALO_OVERHEAD = 0.15
 _WINDOWED = ("linear", "maxpool", "sumpool")
 _ROWWISE = ("lut", "add", "mul", "concat")
@@ -190,14 +190,15 @@ def _closed(stages: list[Any], run: list[int]) -> bool:
 
 
 def _overhead(stages: list[Any], run: list[int], tiles: int) -> float:
-    """Halo lookups over the run's own lookups (0 for a lookup-free run)."""
+    """How much longer the run's slowest tile takes than an even share of the run's lookups
+    (0 for a lookup-free run): the halo, and rows that do not divide evenly, both count."""
     nodes = [n for k in run for n in stages[k].nodes]
     output = stages[run[-1]].output
     total = sum(stages[k].lookups for k in run)
     if not total:
         return 0.0
-    spent = sum(tile_lookups(nodes, output.name, rows) for rows in tile_rows(output.shape[1], tiles))
-    return spent / total - 1.0
+    slowest = max(tile_lookups(nodes, output.name, rows) for rows in tile_rows(output.shape[1], tiles))
+    return slowest * tiles / total - 1.0
 
 
 def tile_notes(stages: list[Any], tiles: int) -> list[str]:
@@ -206,9 +207,9 @@ def tile_notes(stages: list[Any], tiles: int) -> list[str]:
     for st in stages:
         if st.tiles and tiles >= st.tiles:
             spans = tile_rows(st.output.shape[1], st.tiles)
-            extra = sum(tile_lookups(st.nodes, st.output.name, span) for span in spans) / max(1, st.lookups) - 1
+            extra = max(tile_lookups(st.nodes, st.output.name, span) for span in spans) * st.tiles / max(1, st.lookups) - 1
             notes.append(f"{st.name} ({', '.join(dict.fromkeys(n.source for n in st.nodes if n.lookups))}) runs "
                          f"in {st.tiles} row tiles with a halo: {st.merged} stages in one call per shard, "
-                         f"{st.merged - 1} fewer gather{'s' if st.merged > 2 else ''}, {100 * extra:.0f} % more lookups "
-                         f"for the halo")
+                         f"{st.merged - 1} fewer gather{'s' if st.merged > 2 else ''}, its slowest tile {100 * extra:.0f} % "
+                         f"over an even share (the halo)")
     return notes
