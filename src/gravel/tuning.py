@@ -39,12 +39,10 @@ def backend_env(env: dict[str, str] | os._Environ | None = None) -> dict[str, st
 def reexec_with_huge_pages() -> None:
     """Restart this interpreter with the same command line and huge pages on, once; a no-op
     where they are on already, off by request, or the platform has no glibc tunables."""
-    if not _wanted(os.environ) or "glibc.malloc.hugetlb" in os.environ.get("GLIBC_TUNABLES", ""):
-        return
-    argv = getattr(sys, "orig_argv", None)
-    if not argv or not sys.executable:
-        return
     env = {**os.environ, **backend_env()}
+    argv = getattr(sys, "orig_argv", None)
+    if env == dict(os.environ) or not argv or not sys.executable:  # nothing to add, or no way to
+        return
     sys.stdout.flush()
     sys.stderr.flush()
     try:

@@ -18,8 +18,8 @@ from gravel.compiler.passes import Pass, canonicalise, run_passes
 from gravel.compiler.plan import DEFAULT_MAX_SHARDS, ShardPlan, Stage, plan_stages
 from gravel.compiler.program import DEFAULT_P_ERROR, compile_program, input_compatible
 from gravel.compiler.qgraph import QGraph
-from gravel.compiler.tiles import tile_notes
 from gravel.compiler.quantize import MAX_INTEGER_BITS, QuantConfig, conform_batch, quantize
+from gravel.compiler.tiles import tile_notes
 from gravel.errors import ModelError
 from gravel.protocol import Manifest
 

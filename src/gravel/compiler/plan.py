@@ -32,7 +32,7 @@ from functools import cached_property
 import numpy as np
 
 from gravel.compiler.qgraph import NumpyBackend, QGraph, QNode, run_node
-from gravel.compiler.tiles import MAX_HALO_OVERHEAD, group_tiles, tile_lookups, tile_rows
+from gravel.compiler.tiles import MAX_HALO_OVERHEAD, group_tiles, slowest_tile, tile_rows
 from gravel.protocol.manifest import shard_columns, shard_function
 
 __all__ = ["DEFAULT_MAX_SHARDS", "ShardPlan", "Stage", "StagePlan", "fold_output", "make_plan",
@@ -293,11 +293,10 @@ def make_plan(stages: list[Stage], max_shards: int = DEFAULT_MAX_SHARDS, per_cha
         own_rows = bool(st.tail)
         last = k == len(stages) - 1
         if st.tiles and max_shards >= st.tiles and per_channel:  # row tiles: each its own function
-            spans = tile_rows(st.output.shape[1], st.tiles)
-            pbs = max(tile_lookups(st.nodes, st.output.name, span) for span in spans)
+            rows_each = max(b - a for a, b in tile_rows(st.output.shape[1], st.tiles))  # the tallest tile
             own = tuple(f"{st.name}_{j}" for j in range(st.tiles))
-            rows.append(StagePlan(st.name, tuple(st.inputs), in_parts, st.tiles, max(b - a for a, b in spans), pbs,
-                                  False, own, axis=1))
+            rows.append(StagePlan(st.name, tuple(st.inputs), in_parts, st.tiles, rows_each,
+                                  slowest_tile(st.nodes, st.output.name, st.tiles), False, own, axis=1))
             shards_of[st.name] = st.tiles
             continue
         if st.shardable and (not last or own_rows) and (per_channel or (st.uniform and not own_rows)):

@@ -23,7 +23,8 @@ import numpy as np
 
 from gravel.compiler.qgraph import QNode, run_node
 
-__all__ = ["MAX_HALO_OVERHEAD", "group_tiles", "tile_notes", "run_tile", "tile_lookups", "tile_rows", "tileable"]
+__all__ = ["MAX_HALO_OVERHEAD", "group_tiles", "run_tile", "slowest_tile", "tile_lookups", "tile_notes",
+           "tile_overhead", "tile_rows", "tileable"]
 
 # the slowest tile of a merged stage may cost at most this much more than an even share
 MAX_HALO_OVERHEAD = 0.15
@@ -91,6 +92,20 @@ def tile_lookups(nodes: list[QNode], output: str, rows: Window) -> int:
     return sum(n.lookups * (need[n.name][1] - need[n.name][0]) // n.shape[1] for n in nodes if n.name in need)
 
 
+def slowest_tile(nodes: list[QNode], output: str, tiles: int) -> int:
+    """Lookups of the costliest of `tiles` row tiles of `output`, halo included: what a worker
+    waits for (the plan's lookups per shard, the halo limit's measure)."""
+    return max(tile_lookups(nodes, output, rows) for rows in tile_rows(next(
+        n.shape[1] for n in nodes if n.name == output), tiles))
+
+
+def tile_overhead(nodes: list[QNode], output: str, tiles: int) -> float:
+    """How much longer the slowest tile takes than an even share of the nodes' lookups (0 where
+    they have none): the halo, and rows that do not divide evenly, both count."""
+    total = sum(n.lookups for n in nodes)
+    return slowest_tile(nodes, output, tiles) * tiles / total - 1.0 if total else 0.0
+
+
 def _rows(x: Any, have: Window, want: Window, lead: int) -> Any:
     """Rows `want` of a tensor that holds rows `have`."""
     if want == have:
@@ -107,7 +122,7 @@ def _local(node: QNode, out: Window, inp: Window) -> QNode:
     if node.op in _WINDOWED:
         c, _, w = a["in_shape"]
         top = a["pads"][0] - out[0] * a["strides"][0] + inp[0]
-        pads = (top, a["pads"][1], max(0, a["pads"][2]), a["pads"][3])
+        pads = (top, *a["pads"][1:])  # the bottom padding is read where the shorter input ends
         return replace(node, attrs={**a, "in_shape": (c, inp[1] - inp[0], w), "pads": pads}, shape=shape)
     if node.op == "pad":
         c, _, w = a["in_shape"]
@@ -190,15 +205,8 @@ def _closed(stages: list[Any], run: list[int]) -> bool:
 
 
 def _overhead(stages: list[Any], run: list[int], tiles: int) -> float:
-    """How much longer the run's slowest tile takes than an even share of the run's lookups
-    (0 for a lookup-free run): the halo, and rows that do not divide evenly, both count."""
-    nodes = [n for k in run for n in stages[k].nodes]
-    output = stages[run[-1]].output
-    total = sum(stages[k].lookups for k in run)
-    if not total:
-        return 0.0
-    slowest = max(tile_lookups(nodes, output.name, rows) for rows in tile_rows(output.shape[1], tiles))
-    return slowest * tiles / total - 1.0
+    """`tile_overhead` of the stages `run` merged."""
+    return tile_overhead([n for k in run for n in stages[k].nodes], stages[run[-1]].output.name, tiles)
 
 
 def tile_notes(stages: list[Any], tiles: int) -> list[str]:
@@ -206,8 +214,7 @@ def tile_notes(stages: list[Any], tiles: int) -> list[str]:
     notes = []
     for st in stages:
         if st.tiles and tiles >= st.tiles:
-            spans = tile_rows(st.output.shape[1], st.tiles)
-            extra = max(tile_lookups(st.nodes, st.output.name, span) for span in spans) * st.tiles / max(1, st.lookups) - 1
+            extra = tile_overhead(st.nodes, st.output.name, st.tiles)
             notes.append(f"{st.name} ({', '.join(dict.fromkeys(n.source for n in st.nodes if n.lookups))}) runs "
                          f"in {st.tiles} row tiles with a halo: {st.merged} stages in one call per shard, "
                          f"{st.merged - 1} fewer gather{'s' if st.merged > 2 else ''}, its slowest tile {100 * extra:.0f} % "
