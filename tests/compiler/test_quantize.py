@@ -330,3 +330,26 @@ def test_output_stages_that_are_not_affine_or_read_more_stay_apart():
     q = quantize(canonicalise(residual_cnn(rng)), rng.random((40, 1, 8, 8)))
     stages, plan = plan_stages(q, 2)
     assert len(stages) == len(partition(q)) and not plan.stages[-1].partial
+
+
+def test_bias_correction_takes_back_the_mean_error_of_each_output():
+    # coarse rounding and clipping shift the pooled features of a global-pooling CNN
+    # systematically; each Gemm/Conv's bias takes back its outputs' mean error on calibration
+    rng = np.random.default_rng(3)
+    g = canonicalise(pooled_cnn(rng))
+    x, held_out = rng.random((300, 1, 8, 8)), rng.random((300, 1, 8, 8))
+    coarse = QuantConfig(in_bits=3, w_bits=4, a_bits=3, tlu_bits=5, search=False)
+    from dataclasses import replace
+
+    def mean_error(q, data):
+        out = q.dequantize_output(q.forward_int(q.quantize_input(data)))
+        return (out - np.asarray(evaluate(g, data)).reshape(len(data), -1)).mean(0)
+
+    corrected = quantize(g, x, coarse)
+    plain = quantize(g, x, replace(coarse, bias_correction=False))
+    # on calibration, within half a step of the output's integers, per class
+    assert np.all(np.abs(mean_error(corrected, x)) <= 0.5 * corrected.output_scale + 1e-9)
+    before, after = np.abs(mean_error(plain, held_out)), np.abs(mean_error(corrected, held_out))
+    assert before.max() > 4 * after.max(), (before, after)
+    assert corrected.node("fc").attrs["bias"].tolist() != plain.node("fc").attrs["bias"].tolist()
+
