@@ -128,7 +128,7 @@ def main() -> None:
     from gravel.data import load_dataset
     from gravel.harness.demo import small_artifact
     from gravel.protocol import Kind, frame, pack_batch, unpack_batch
-    from gravel.protocol.manifest import CLIENT_FILES, MANIFEST, SERVER_FILES
+    from gravel.protocol.manifest import CLIENT_FILES, MANIFEST, SERVER_FILES, shard_function
     from gravel.service.process import ServiceProcess
 
     t_start = time.perf_counter()
@@ -309,8 +309,7 @@ def main() -> None:
         client = model._client
         client.keys = keys._keys
         second = manifest.plan[1]  # a ciphertext encrypted for the second stage, not the input
-        placeholders = (None, None) if second.get("shardable") else ()
-        made = client.encrypt(np.zeros(16, dtype=np.int64), *placeholders, function_name=second["name"])
+        made = client.encrypt(np.zeros(16, dtype=np.int64), function_name=shard_function(second, 0))
         made = made[0] if isinstance(made, tuple) else made
         wrong = frame(Kind.INPUT_CIPHERTEXT, model.digest, made.serialize())
         report["wrong_typed_job_status"] = p.http("POST", f"{url}/v1/sessions/{sid}/jobs", content=wrong,

@@ -54,7 +54,7 @@ def test_stage_outputs_equal_the_clear_program_for_any_shard_count():
     # channels out of the join's other operand
     join = make_plan(stages, 2).stages[1]
     assert [n.op for n in stages[1].nodes] == ["linear", "add", "lut"]
-    assert join.shards == 2 and join.functions == ("stage1_0", "stage1_1") and not join.shardable
+    assert join.shards == 2 and join.functions == ("stage1_0", "stage1_1")
 
 
 def test_concat_of_branches_with_different_scales_is_free():
@@ -154,7 +154,7 @@ def test_a_stage_with_per_channel_lookups_splits_into_shard_functions():
     compiled = build(g, x, cfg, max_shards=2)
     row = compiled.plan.stages[0]
     assert np.ndim(compiled.stages[0].body[-1].attrs["in_scale"]) == 1  # the lookup ending the body
-    assert row.functions == ("stage0_0", "stage0_1") and not row.shardable and row.shards == 2
+    assert row.functions == ("stage0_0", "stage0_1") and row.shards == 2
     # the output Gemm folded into the shards: each returns its partial output, which add up
     assert len(compiled.stages) == 1 and row.partial
     xq = compiled.qgraph.quantize_input(x)
@@ -353,3 +353,29 @@ def test_bias_correction_takes_back_the_mean_error_of_each_output():
     assert before.max() > 4 * after.max(), (before, after)
     assert corrected.node("fc").attrs["bias"].tolist() != plain.node("fc").attrs["bias"].tolist()
 
+
+def test_every_shard_is_a_function_of_its_own_with_only_encrypted_arguments():
+    """A stage whose lookup is one table for all channels shards like any other: one function
+    per shard with its constants compiled in. Clear weight arguments would let concrete bound
+    their products' noise only by their bit width (the ResNet's whole key set went from 2- to
+    3-level bootstraps), so no function takes any."""
+    import json
+
+    from gravel.compiler import lower
+    from gravel.compiler.pipeline import build
+    from gravel.harness.check import simulate
+
+    rng = np.random.default_rng(4)
+    g = mlp(rng, dict(fn="relu"))
+    x = rng.random((60, 64))
+    cfg = QuantConfig(in_bits=4, w_bits=5, a_bits=4, tlu_bits=6, search=False)
+    compiled = build(g, x, cfg, max_shards=2)
+    row = compiled.plan.stages[0]
+    assert np.ndim(compiled.stages[0].body[-1].attrs["in_scale"]) == 0  # one table for all channels
+    assert row.functions == ("stage0_0", "stage0_1") and "shardable" not in row.to_json()
+    module = lower(compiled, x, p_error=1e-6, simulation=True)
+    circuits = json.loads(module.client.specs.serialize())["circuits"]
+    assert {c["name"] for c in circuits} >= {"stage0_0", "stage0_1", "fused"}
+    for circuit in circuits:
+        assert all("lweCiphertext" in arg["typeInfo"] for arg in circuit["inputs"]), circuit["name"]
+    assert np.array_equal(simulate(module, compiled, x[:10]), compiled.qgraph.predict(x[:10]))

@@ -10,7 +10,6 @@ import numpy as np
 from gravel.client.atomic import write_atomic
 from gravel.errors import BlobFormatError, KeyMismatchError
 from gravel.protocol import Kind, Manifest, frame, load_manifest, unframe, unpack_parts
-from gravel.protocol.manifest import shard_function
 from gravel.protocol.quantization import InputQuantizer
 
 __all__ = ["ClientModel", "SecretKeys", "load_client_model", "load_secret_keys"]
@@ -61,9 +60,6 @@ class ClientModel:
         self.quantizer = InputQuantizer.from_json(manifest.input)
         self.input_shape = self.quantizer.shape
         self.first = manifest.input_function
-        # the input function's clear arguments (a shard's weights), which the client does not send
-        row = next(r for r in manifest.plan if shard_function(r, 0) == self.first)
-        self._clear_placeholders = (None, None) if row.get("shardable") else ()
         self.out_scale = np.asarray(manifest.output["scale"])
         self.out_offset = np.asarray(manifest.output["offset"])
 
@@ -86,7 +82,7 @@ class ClientModel:
     def encrypt(self, keys: SecretKeys, image: np.ndarray) -> bytes:
         self._check(keys)
         self._client.keys = keys._keys
-        values = self._client.encrypt(self.quantize(image), *self._clear_placeholders, function_name=self.first)
+        values = self._client.encrypt(self.quantize(image), function_name=self.first)
         value = values[0] if isinstance(values, tuple) else values
         return frame(Kind.INPUT_CIPHERTEXT, self.digest, value.serialize())
 

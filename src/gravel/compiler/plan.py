@@ -4,10 +4,12 @@ A stage ends at a table lookup (a `lut`, a `maxpool`), at a value read by severa
 the output: each stage is one function of the backend program, reading the outputs of earlier
 stages (or the client's input) and producing one tensor. A stage of the form
 "data movement -> Gemm/Conv -> lookup" on a single input is shardable: its output channels are
-independent, so equal slices of them run as shards. Where the lookup is the same for every
-channel, the shards are one compiled function that takes the slice's weights and bias as clear
-arguments; where it differs per channel (per-channel scales), each shard is a function of its
-own with its slice's constants compiled in. Any other stage is one shard. Shards of a stage have equal sizes (a divisor of its
+independent, so equal slices of them run as shards, each a function of its own with its
+slice's constants compiled in. (One function taking a shard's weights as clear arguments would
+compile once per stage, but concrete bounds the noise of a product with a clear argument by the
+argument's bit width, not by the weights' values: that gave the ResNet-style CNN's whole key
+set 3-level bootstraps where compiled-in constants give 2, about a third more time per lookup
+on every path, one process included.) Any other stage is one shard. Shards of a stage have equal sizes (a divisor of its
 channel count), so their costs are equal by construction.
 
 A lookup-free output stage (the final Gemm, say, after global pooling) would cost a backend
@@ -33,7 +35,7 @@ import numpy as np
 
 from gravel.compiler.qgraph import NumpyBackend, QGraph, QNode, run_node
 from gravel.compiler.tiles import MAX_HALO_OVERHEAD, group_tiles, slowest_tile, tile_rows
-from gravel.protocol.manifest import shard_columns, shard_function
+from gravel.protocol.manifest import shard_function, shard_slice
 
 __all__ = ["DEFAULT_MAX_SHARDS", "ShardPlan", "Stage", "StagePlan", "fold_output", "make_plan",
            "merge_tiles", "partition", "plan_stages", "shard_weights"]
@@ -235,8 +237,7 @@ class StagePlan:
     shards: int
     shard_size: int  # output channels per shard
     pbs_per_shard: int
-    shardable: bool  # the shards share one function that takes their weights as clear arguments
-    functions: tuple[str, ...] = ()  # else, where sharded: one function per shard (protocol.shard_function)
+    functions: tuple[str, ...] = ()  # where sharded: one function per shard (protocol.shard_function)
     partial: bool = False  # the last stage's shards return partial outputs, which the client adds
     axis: int = 0  # the axis its shards' outputs join on: 0 output channels, 1 rows (tiles)
 
@@ -248,7 +249,6 @@ class StagePlan:
             "shards": self.shards,
             "shard_size": self.shard_size,
             "pbs_per_shard": self.pbs_per_shard,
-            "shardable": self.shardable,
             "functions": list(self.functions),
             "partial": self.partial,
             "axis": self.axis,
@@ -296,7 +296,7 @@ def make_plan(stages: list[Stage], max_shards: int = DEFAULT_MAX_SHARDS, per_cha
             rows_each = max(b - a for a, b in tile_rows(st.output.shape[1], st.tiles))  # the tallest tile
             own = tuple(f"{st.name}_{j}" for j in range(st.tiles))
             rows.append(StagePlan(st.name, tuple(st.inputs), in_parts, st.tiles, rows_each,
-                                  slowest_tile(st.nodes, st.output.name, st.tiles), False, own, axis=1))
+                                  slowest_tile(st.nodes, st.output.name, st.tiles), own, axis=1))
             shards_of[st.name] = st.tiles
             continue
         if st.shardable and (not last or own_rows) and (per_channel or (st.uniform and not own_rows)):
@@ -304,11 +304,8 @@ def make_plan(stages: list[Stage], max_shards: int = DEFAULT_MAX_SHARDS, per_cha
         else:
             shards = 1
         size = st.channels // shards if st.nodes else 0
-        # one function for all shards needs the same lookup everywhere and nothing to slice but
-        # the weights (a join's other operand, or a folded tail, is sliced inside each shard's function)
-        shared = st.shardable and st.uniform and not st.joins and not own_rows
-        own = tuple(f"{st.name}_{j}" for j in range(shards)) if shards > 1 and not shared else ()
-        rows.append(StagePlan(st.name, tuple(st.inputs), in_parts, shards, size, st.lookups // shards, shared, own,
+        own = tuple(f"{st.name}_{j}" for j in range(shards)) if shards > 1 else ()
+        rows.append(StagePlan(st.name, tuple(st.inputs), in_parts, shards, size, st.lookups // shards, own,
                               partial=own_rows and shards > 1))
         shards_of[st.name] = shards
     return ShardPlan(tuple(rows))
@@ -358,6 +355,9 @@ def merge_tiles(stages: list[Stage], tiles: int, max_overhead: float = MAX_HALO_
 
 
 def shard_weights(stage: Stage, shards: int, index: int) -> tuple[np.ndarray, np.ndarray]:
-    """The weight columns and bias of one shard of a shardable stage (protocol's rule)."""
+    """The weight columns and bias of shard `index` of `shards` of a stage: its contiguous
+    slice of the output channels (protocol.shard_slice, the order readers concatenate in)."""
     lin = stage.linear
-    return shard_columns(lin.attrs["weight"], lin.attrs["bias"], shards, index)
+    cols = shard_slice(lin.attrs["weight"].shape[1], shards, index)
+    return (np.ascontiguousarray(lin.attrs["weight"][:, cols], dtype=np.int64),
+            np.ascontiguousarray(lin.attrs["bias"][cols], dtype=np.int64))

@@ -1,12 +1,10 @@
 """Lower the integer program to a concrete-python module: one FHE function per stage.
 
 Function `stageK` takes every shard output of the stages it reads as separate encrypted
-arguments (`x0`..`x{m-1}`, concatenated per input inside). A shardable stage whose lookup is
-the same for every channel also takes one shard's weights `w` and bias `b` as clear arguments,
-so a single compiled function evaluates every shard of its stage, in any process that holds
-the server program and the evaluation keys; a sharded stage whose lookup differs per channel
-has one function per shard (`stageK_J`) with its slice's constants compiled in; other stages
-have their constants compiled in. `fhe.Wired` declares which outputs feed
+arguments (`x0`..`x{m-1}`, concatenated per input inside). A sharded stage has one function
+per shard (`stageK_J`) with its slice's constants compiled in (plan.py says why not clear
+weight arguments); every function runs in any process that holds the server program and the
+evaluation keys. `fhe.Wired` declares which outputs feed
 which inputs, so all functions share one key set and shard outputs are valid inputs of the
 stages that read them. The optional `fused` function runs the whole network in one call.
 """
@@ -64,17 +62,16 @@ def _channel_slice(node: QNode, cols: slice, channels: int) -> QNode:
 
 
 def run_stage(stage: Stage, parts: list[Any], shards_of: dict[str, int], backend: Any,
-              w: Any = None, b: Any = None, shard: tuple[int, int] | None = None) -> Any:
-    """One stage on the shard outputs of the stages it reads; or one shard of it: given that
-    shard's weights `w` and bias `b` (a stage whose lookup is the same for all channels), or
-    `shard=(shards, index)` (weights and per-channel lookup parameters sliced here). Used by
+              shard: tuple[int, int] | None = None) -> Any:
+    """One stage on the shard outputs of the stages it reads; or, with `shard=(shards,
+    index)`, one shard of it (weights and per-channel lookup parameters sliced here). Used by
     the clear reference and the FHE program alike."""
     if not stage.nodes:  # a relay passes the client's input on
         return parts[0] * 1 if backend.lead == 0 else parts[0]
     if shard is not None and stage.tiles:  # one row tile of merged convolutional stages
         rows = tile_rows(stage.output.shape[1], shard[0])[shard[1]]
         return run_tile(stage.nodes, stage.output.name, _split_parts(stage, parts, shards_of, backend), rows, backend)
-    cols = None
+    cols = w = b = None
     if shard is not None:
         w, b = shard_weights(stage, *shard)
         cols = shard_slice(stage.channels, *shard)
@@ -113,9 +110,6 @@ def _partial_output(stage: Stage, h: Any, cols: slice, index: int, backend: Any)
 
 def shard_outputs(stage: Stage, row: Any, parts: list[Any], shards_of: dict[str, int], backend: Any) -> list[Any]:
     """Every shard's output of one stage, in the clear or under simulation-free tracing."""
-    if row.shardable:
-        return [run_stage(stage, parts, shards_of, backend, *shard_weights(stage, row.shards, j))
-                for j in range(row.shards)]
     if row.functions:
         return [run_stage(stage, parts, shards_of, backend, shard=(row.shards, j)) for j in range(row.shards)]
     return [run_stage(stage, parts, shards_of, backend)]
@@ -133,12 +127,12 @@ def _stage_function(stage: Stage, row: Any, shards_of: dict[str, int], shard: in
     """The traced function of a stage (or of one shard of it, for per-shard functions)."""
     backend = TraceBackend()
     n = row.in_parts
-    names = [f"x{i}" for i in range(n)] + (["w", "b"] if row.shardable else [])
+    names = [f"x{i}" for i in range(n)]
     part = (row.shards, shard) if shard is not None else None
 
     def fn(**kw: Any) -> Any:
         parts = [kw[f"x{i}"] for i in range(n)]
-        return run_stage(stage, parts, shards_of, backend, kw.get("w"), kw.get("b"), shard=part)
+        return run_stage(stage, parts, shards_of, backend, shard=part)
 
     return _signature(fn, row.function(shard or 0), names)
 
@@ -174,11 +168,7 @@ def inputsets(graph: QGraph, stages: list[Stage], plan: ShardPlan, calib_q: np.n
     sets: dict[str, list[tuple]] = {}
     for st, row in zip(stages, plan.stages):
         parts = stage_arguments(row.to_json(), outputs)
-        weights = [shard_weights(st, row.shards, j) for j in range(row.shards)] if row.shardable else [()]
-        samples = []
-        for n in range(len(calib_q)):
-            args = tuple(np.ascontiguousarray(p[n]) for p in parts)
-            samples.append(args + tuple(weights[n % len(weights)]))
+        samples = [tuple(np.ascontiguousarray(p[n]) for p in parts) for n in range(len(calib_q))]
         for name in row.functions or (st.name,):  # per-shard functions read the same arguments
             sets[name] = samples
     return sets
@@ -238,8 +228,6 @@ def compile_program(
     attrs: dict[str, Any] = {}
     for st, row in zip(stages, plan.stages):
         spec = {f"x{i}": "encrypted" for i in range(row.in_parts)}
-        if row.shardable:
-            spec |= {"w": "clear", "b": "clear"}
         for j, name in enumerate(row.functions or (st.name,)):
             attrs[name] = fhe.function(spec)(_stage_function(st, row, shards_of, j if row.functions else None))
     wires = set()

@@ -256,8 +256,8 @@ def _windows(node: QNode, x: Any, backend: Any, in_shape: tuple[int, ...], pad_v
 
 
 def run_node(node: QNode, args: list[Any], backend: Any, w: Any = None, b: Any = None) -> Any:
-    """Evaluate one integer node. For `linear`, `w` and `b` (clear arguments: one shard's
-    weight columns and bias) replace the node's own weights when given."""
+    """Evaluate one integer node. For `linear`, `w` and `b` (one shard's weight columns and
+    bias, constants of that shard's function) replace the node's own weights when given."""
     op, a, lead = node.op, node.attrs, backend.lead
     x = args[0] if args else None
     if op == "linear":

@@ -18,7 +18,7 @@ import numpy as np
 
 from gravel.compiler import QuantConfig, build, evaluate, lower
 from gravel.compiler.pipeline import Compiled
-from gravel.compiler.plan import INPUT, make_plan, shard_weights
+from gravel.compiler.plan import INPUT, make_plan
 from gravel.compiler.program import FUSED
 from gravel.compiler.quantize import conform_batch
 from gravel.data import Dataset
@@ -56,9 +56,7 @@ def simulate(module: Any, compiled: Compiled, x: np.ndarray) -> np.ndarray:
                 for st, row in zip(stages, plan.stages):
                     parts = stage_arguments(row.to_json(), outputs)
                     outputs[st.name] = [
-                        getattr(module, row.function(j)).simulate(
-                            *parts, *(shard_weights(st, row.shards, j) if row.shardable else ()))
-                        for j in range(row.shards)]
+                        getattr(module, row.function(j)).simulate(*parts) for j in range(row.shards)]
         except ValueError:
             # a simulated lookup error left a value outside the next stage's input range,
             # which concrete refuses: count the sample as mispredicted (-1)

@@ -26,7 +26,6 @@ __all__ = [
     "file_sha256",
     "load_manifest",
     "publish_directory",
-    "shard_columns",
     "shard_function",
     "shard_slice",
     "stage_arguments",
@@ -34,7 +33,8 @@ __all__ = [
 
 # 2: the program is a graph of stages (plan rows name the stages they read), input quantization
 # over a calibrated range
-FORMAT_VERSION = 2
+# 3: no stage function takes clear weight arguments (each shard has its constants compiled in)
+FORMAT_VERSION = 3
 # what plan rows call the client's input ciphertext
 INPUT = "input"
 MANIFEST = "manifest.json"
@@ -165,24 +165,9 @@ def shard_slice(channels: int, shards: int, index: int) -> slice:
     return slice(index * size, (index + 1) * size)
 
 
-def shard_columns(weight: Any, bias: Any, shards: int, index: int) -> tuple[Any, Any]:
-    """Shard `index` of `shards` of a stage: its contiguous slice of the weight's output columns
-    and of the bias (channels first). The one rule the compiler's inputsets and the server share.
-
-    Contiguity matters: concrete-python 2.11 misreads non-contiguous numpy views passed as
-    clear arguments (a column slice gives wrong results without any error)."""
-    import numpy as np
-
-    cols = shard_slice(weight.shape[1], shards, index)
-    return (np.ascontiguousarray(weight[:, cols], dtype=np.int64),
-            np.ascontiguousarray(bias[cols], dtype=np.int64))
-
-
 def shard_function(row: dict[str, Any], shard: int) -> str:
-    """The backend function that evaluates shard `shard` of a stage: the stage's own (shared by
-    its shards, which get their weights as clear arguments), or the shard's own function with
-    its constants compiled in (`functions`: stages whose lookups differ per channel). The one
-    rule the compiler's wiring and the server share."""
+    """The backend function that evaluates shard `shard` of a stage: the shard's own (`functions`,
+    a sharded stage), else the stage's. The one rule the compiler's wiring and the server share."""
     functions = row.get("functions") or ()
     return functions[shard] if functions else row["name"]
 

@@ -7,11 +7,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
-
-from gravel.errors import BlobFormatError, InferenceCancelled, KeyMismatchError
+from gravel.errors import BlobFormatError, InferenceCancelled
 from gravel.protocol import Kind, Manifest, frame, load_manifest, pack_parts, unframe
-from gravel.protocol.manifest import INPUT, shard_columns, shard_function, stage_arguments
+from gravel.protocol.manifest import INPUT, shard_function, stage_arguments
 
 __all__ = ["ServerModel", "StageTrace", "parse_blob"]
 
@@ -48,25 +46,6 @@ class ServerModel:
         self.manifest = manifest
         self.digest = manifest.digest
         self._server = fhe.Server.load(manifest.path("server.zip"))
-        with np.load(manifest.path("weights.npz"), allow_pickle=False) as npz:
-            arrays = {k: npz[k] for k in npz.files}
-        # Per stage, the clear arguments of every shard, contiguous (concrete misreads views);
-        # stages that are not shardable have their constants compiled in.
-        prepare = _ClearArgs(self._server)
-        by_stage = {s["name"]: s for s in manifest.stages}
-        self.shards: list[list[tuple]] = []
-        for row in manifest.plan:
-            if not row.get("shardable"):  # constants compiled in (per-shard functions: each its own)
-                self.shards.append([()] * row["shards"])
-                continue
-            linear = next(n for n in by_stage[row["name"]]["nodes"] if f"{n}.weight" in arrays)
-            w, b = arrays[f"{linear}.weight"], arrays[f"{linear}.bias"]
-            parts = row["in_parts"]
-            self.shards.append(
-                [prepare(row["name"], (parts, parts + 1), shard_columns(w, b, row["shards"], j))
-                 for j in range(row["shards"])]
-            )
-
         # The whole network as one function, where the compiler verified that it reads and
         # writes the same ciphertexts as the stages: one backend call instead of one per stage.
         self.fused = manifest.data.get("fused", {}).get("function")
@@ -82,9 +61,8 @@ class ServerModel:
         return parse_blob(data, Kind.INPUT_CIPHERTEXT, self.digest)[1]
 
     def run_shard(self, stage: int, shard: int, parts: list, keys):
-        clear = self.shards[stage][shard]  # (w, b) of a stage whose shards share a function, else nothing
         name = shard_function(self.manifest.plan[stage], shard)
-        return self._server.run(*parts, *clear, evaluation_keys=keys, function_name=name)
+        return self._server.run(*parts, evaluation_keys=keys, function_name=name)
 
     def run(self, keys, value, progress: Callable[[int, int], None] | None = None,
             should_stop: Callable[[], bool] | None = None, whole: bool | None = None) -> tuple[object, list[StageTrace]]:
@@ -138,27 +116,3 @@ class ServerModel:
         keys = self.load_evaluation_keys(evaluation_keys)
         out, trace = self.run(keys, self.load_input(ciphertext))
         return self.frame_output(out), trace
-
-
-class _ClearArgs:
-    """Wraps clear arguments as backend Values once, instead of on every `Server.run` call
-    (which builds a simulated client program each time it meets a raw array: ~100 ms). One
-    simulated program serves every function and shard (building one takes ~12 ms)."""
-
-    def __init__(self, server) -> None:
-        from concrete.compiler import ClientProgram
-
-        self._program = ClientProgram.create_simulated(server.client_specs.program_info)
-        self._circuits: dict[str, object] = {}
-
-    def __call__(self, function: str, positions: tuple[int, ...], arrays: tuple[np.ndarray, ...]) -> tuple:
-        from concrete import fhe
-        from concrete.compiler import Value as RawValue
-
-        if function not in self._circuits:
-            self._circuits[function] = self._program.get_client_circuit(function)
-        circuit = self._circuits[function]
-        return tuple(
-            fhe.Value(circuit.simulate_prepare_input(RawValue(np.ascontiguousarray(a, dtype=np.int64)), pos))
-            for pos, a in zip(positions, arrays)
-        )
