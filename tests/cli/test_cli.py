@@ -96,3 +96,15 @@ def test_compile_tiles_convolutional_layers_for_workers(tmp_path, digits):
     assert "row tiles with a halo" in out, out
     plan = json.loads((tmp_path / "cnn.gravel" / "manifest.json").read_text())["plan"]
     assert plan[0]["axis"] == 1 and plan[0]["shards"] == 2 and len(plan[0]["functions"]) == 2
+
+
+def test_check_runs_from_the_command_line_with_and_without_finetuning(digits_checkpoint):
+    # `gravel check` read --finetune, which only `compile` defined: every check crashed
+    base = ["check", digits_checkpoint, "--data", "digits", "--samples", "100", "--sim-samples", "5",
+            "--fhe-samples", "0", "--no-advice", "--json"]
+    plain = json.loads(gravel(*base).stdout)
+    assert plain["supported"] and plain["table_lookups"] > 0 and plain["accuracy_simulated"] is not None
+    assert not any(w.startswith("fine-tun") for w in plain["warnings"])
+    tuned = json.loads(gravel(*base, "--finetune", "1", "--finetune-samples", "300").stdout)
+    # fine-tuned, or kept as quantized where no epoch beat it: either way check says so
+    assert any(w.startswith("fine-tun") for w in tuned["warnings"]), tuned["warnings"]

@@ -11,6 +11,7 @@ from typing import Any
 from gravel.cli.options import (
     add_backend_options,
     add_data_options,
+    add_finetune_options,
     add_quant_options,
     ckks_options,
     int_list,
@@ -216,6 +217,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--no-advice", action="store_true", help="skip the CKKS compile and the backend advice")
     p.add_argument("--json", action="store_true")
     add_quant_options(p)
+    add_finetune_options(p)
     p.set_defaults(func=cmd_check)
 
     p = subparsers.add_parser("bench", help="benchmark encrypted inference")

@@ -79,18 +79,26 @@ def add_backend_options(p: argparse.ArgumentParser) -> None:
                         "(default: the lowest of 2-4 that costs at most 1 point on the calibration set)")
     g.add_argument("--precision-bits", type=int, default=d.precision_bits,
                    help=f"ckks: bits after the binary point wanted at the output (default {d.precision_bits})")
-    g.add_argument("--finetune", type=int, default=d.finetune_epochs, metavar="EPOCHS",
+    add_finetune_options(g)
+    g.add_argument("--batch-size", type=int, default=d.batch_size,
+                   help=f"ckks: the batch size the SIMD packing is planned for (default {d.batch_size})")
+    g.add_argument("--batch-block", type=int, default=d.batch_block,
+                   help="ckks: samples per SIMD group in batched inference (default: the cheapest "
+                        "for --batch-size by the compiler's cost model)")
+
+
+def add_finetune_options(g: Any) -> None:
+    """--finetune and --finetune-samples, for `compile` (with the backend options) and `check`
+    (which measures the fine-tuned program): one definition for both."""
+    from gravel.ckks.compile import CkksOptions
+
+    g.add_argument("--finetune", type=int, default=CkksOptions().finetune_epochs, metavar="EPOCHS",
                    help="fine-tune the compiled program that many epochs on --finetune-samples training "
                         "samples (default off). concrete: the quantized program with its rounding in place, which "
                         "recovers what quantization loses (try 3 with narrower --a-bits/--tlu-bits); ckks: "
                         "where fitted polynomials cost more than 1 point, with the polynomials in place")
     g.add_argument("--finetune-samples", type=int, default=None, metavar="N",
                    help="training samples for --finetune (default 10,000)")
-    g.add_argument("--batch-size", type=int, default=d.batch_size,
-                   help=f"ckks: the batch size the SIMD packing is planned for (default {d.batch_size})")
-    g.add_argument("--batch-block", type=int, default=d.batch_block,
-                   help="ckks: samples per SIMD group in batched inference (default: the cheapest "
-                        "for --batch-size by the compiler's cost model)")
 
 
 def ckks_options(args: argparse.Namespace) -> Any:
