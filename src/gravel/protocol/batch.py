@@ -47,8 +47,12 @@ def pack_batch(items: list[bytes]) -> bytes:
 
 
 def pack_parts(parts: list[bytes]) -> bytes:
-    """An output payload: the one backend value as it is, or several partial outputs."""
-    return parts[0] if len(parts) == 1 else _pack(PARTS_MAGIC, parts, MAX_PARTS, "partial output")
+    """An output payload: the one backend value as it is, or several partial outputs (and a
+    single value that happens to start with the container's magic wrapped too, so that
+    `unpack_parts` never misreads it)."""
+    if len(parts) == 1 and parts[0][:4] != PARTS_MAGIC:
+        return parts[0]
+    return _pack(PARTS_MAGIC, parts, MAX_PARTS, "partial output")
 
 
 def unpack_parts(payload: bytes, what: str = "output ciphertext") -> list[bytes]:
