@@ -9,8 +9,8 @@ slice's constants compiled in. (One function taking a shard's weights as clear a
 compile once per stage, but concrete bounds the noise of a product with a clear argument by the
 argument's bit width, not by the weights' values: that gave the ResNet-style CNN's whole key
 set 3-level bootstraps where compiled-in constants give 2, about a third more time per lookup
-on every path, one process included.) Any other stage is one shard. Shards of a stage have equal sizes (a divisor of its
-channel count), so their costs are equal by construction.
+on every path, one process included.) Any other stage is one shard. Shards of a stage have
+equal sizes (a divisor of its channel count), so their costs are equal by construction.
 
 A lookup-free output stage (the final Gemm, say, after global pooling) would cost a backend
 call of its own after a gather, although it is an affine map of the stage it reads: when that

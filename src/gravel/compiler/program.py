@@ -79,7 +79,7 @@ def run_stage(stage: Stage, parts: list[Any], shards_of: dict[str, int], backend
     path: set[str] = set()  # values holding only this shard's channels
     for node in stage.body if cols is not None else stage.nodes:
         args = [values[i] for i in node.inputs]
-        if node.op == "linear" and w is not None:
+        if node.op == "linear" and cols is not None:
             values[node.name] = run_node(node, args, backend, w, b)
             path.add(node.name)
         elif cols is not None and path & set(node.inputs):

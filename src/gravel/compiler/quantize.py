@@ -367,17 +367,13 @@ class _Quantizer:
         the calibration samples, per output channel, in accumulator steps (see
         `QuantConfig.bias_correction`). A QAT layer (trained with its quantizers) is left alone:
         its float graph already is what the integers compute."""
-        real = np.asarray(self.real[float_name], dtype=np.float64)
         ints = self.ints[q.name]
-        axes = (0, 2, 3) if kind == "conv" else tuple(range(ints.ndim - 1))
-        scale = channel.reshape(-1) if kind == "conv" else np.asarray(channel).reshape(-1)
-        err = (ints * np.broadcast_to(channel, ints.shape[1:]) - real.reshape(ints.shape)).mean(axis=axes)
-        steps = np.round(err / scale).astype(np.int64)
-        if not steps.any():
-            return
-        bias = np.asarray(q.attrs["bias"])
-        q.attrs["bias"] = bias - (steps.reshape(-1, 1, 1) if kind == "conv" else steps)
-        self._rerun(q)
+        real = np.asarray(self.real[float_name], dtype=np.float64).reshape(ints.shape)
+        axes = (0, 2, 3) if kind == "conv" else tuple(range(ints.ndim - 1))  # all but the channel's
+        steps = np.round((ints * channel - real).mean(axis=axes) / channel.reshape(-1)).astype(np.int64)
+        if steps.any():
+            q.attrs["bias"] = np.asarray(q.attrs["bias"]) - steps.reshape(channel.shape)
+            self._rerun(q)
 
     def _op_act(self, node: Node) -> None:
         src, meta = self._src(node)
