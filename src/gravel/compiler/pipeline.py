@@ -258,12 +258,11 @@ def lower(compiled: Compiled, calib_x: np.ndarray, p_error: float = DEFAULT_P_ER
                 raise ModelError("the first stage's shard functions read the client's input in different encodings")
             return module
         except (ModelError, ValueError) as exc:
-            # Per-shard functions are a second way to split a stage; where concrete cannot
-            # give them one encoding (or compile them), those stages run whole instead.
-            widest = max(row.shards for row in compiled.plan.stages)
-            compiled.stages, compiled.plan = plan_stages(compiled.qgraph, widest, per_channel=False)
+            # Where concrete cannot give a split stage's shard functions one encoding (or
+            # compile them), every stage runs whole: the plan without shard functions.
+            compiled.stages, compiled.plan = plan_stages(compiled.qgraph, 1)
             compiled.qgraph.notes.append(
-                f"stages {', '.join(per_shard)} (per-channel lookups) run as one shard each: "
+                f"stages {', '.join(per_shard)} run as one shard each: "
                 f"splitting them failed ({str(exc).splitlines()[0][:200]})")
             return compile_()
     except ModelError as exc:

@@ -116,18 +116,6 @@ class Stage:
         return len({i for n in body[: k + 1] for i in n.inputs if i not in members}) == 1
 
     @property
-    def joins(self) -> bool:
-        """Whether a residual join follows the Gemm/Conv (its other operand is cut per shard)."""
-        return any(n.op == "add" for n in self.body)
-
-    @property
-    def uniform(self) -> bool:
-        """Whether the stage's lookup is one table for all channels (else per channel)."""
-        lut = self.body[-1].attrs
-        params = lut.get("params") or {}
-        return all(np.ndim(v) == 0 for v in [lut["in_scale"], lut["in_offset"], *params.values()])
-
-    @property
     def channels(self) -> int:
         return self.body[-1].shape[0]
 
@@ -280,10 +268,9 @@ def _largest_divisor_at_most(n: int, cap: int) -> int:
     return max(d for d in range(1, min(n, cap) + 1) if n % d == 0)
 
 
-def make_plan(stages: list[Stage], max_shards: int = DEFAULT_MAX_SHARDS, per_channel: bool = True) -> ShardPlan:
-    """Shards per stage, at most `max_shards`; `per_channel=False` keeps stages whose lookup
-    differs per channel in one shard (they would need a function per shard), and so stages with
-    a folded tail, whose shards each have their own rows of it."""
+def make_plan(stages: list[Stage], max_shards: int = DEFAULT_MAX_SHARDS) -> ShardPlan:
+    """Shards per stage, at most `max_shards`; each shard of a split stage is a function of
+    its own (a row tile, or a slice of the output channels)."""
     rows = []
     shards_of = {INPUT: 1}
     for k, st in enumerate(stages):
@@ -292,14 +279,14 @@ def make_plan(stages: list[Stage], max_shards: int = DEFAULT_MAX_SHARDS, per_cha
         # the last stage is split only where it has such a tail
         own_rows = bool(st.tail)
         last = k == len(stages) - 1
-        if st.tiles and max_shards >= st.tiles and per_channel:  # row tiles: each its own function
+        if st.tiles and max_shards >= st.tiles:  # row tiles
             rows_each = max(b - a for a, b in tile_rows(st.output.shape[1], st.tiles))  # the tallest tile
             own = tuple(f"{st.name}_{j}" for j in range(st.tiles))
             rows.append(StagePlan(st.name, tuple(st.inputs), in_parts, st.tiles, rows_each,
                                   slowest_tile(st.nodes, st.output.name, st.tiles), own, axis=1))
             shards_of[st.name] = st.tiles
             continue
-        if st.shardable and (not last or own_rows) and (per_channel or (st.uniform and not own_rows)):
+        if st.shardable and (not last or own_rows):
             shards = _largest_divisor_at_most(st.channels, max_shards)
         else:
             shards = 1
@@ -312,16 +299,15 @@ def make_plan(stages: list[Stage], max_shards: int = DEFAULT_MAX_SHARDS, per_cha
 
 
 def plan_stages(graph: QGraph, max_shards: int = DEFAULT_MAX_SHARDS,
-                per_channel: bool = True, tiles: bool = False) -> tuple[list[Stage], ShardPlan]:
+                tiles: bool = False) -> tuple[list[Stage], ShardPlan]:
     """Partition; with `tiles`, merge runs of convolutional stages into row-tiled stages
-    (tiles.py; each tile its own function, so only with `per_channel`); fold a lookup-free
-    output stage into a split stage before it (likewise); and plan the shards."""
+    (tiles.py); fold a lookup-free output stage into a split stage before it; and plan the
+    shards."""
     stages = partition(graph)
-    if per_channel and tiles:
+    if tiles:
         stages = merge_tiles(stages, max_shards)
-    if per_channel:
-        stages = fold_output(stages, max_shards)
-    return stages, make_plan(stages, max_shards, per_channel)
+    stages = fold_output(stages, max_shards)
+    return stages, make_plan(stages, max_shards)
 
 
 def merge_tiles(stages: list[Stage], tiles: int, max_overhead: float = MAX_HALO_OVERHEAD) -> list[Stage]:
